@@ -1,0 +1,82 @@
+"""Command line: ``dicomflow serve [--http-port 8080] [--dimse-port 11112] [--data-dir DIR] [--config FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from dicomflow.app import create_app
+from dicomflow.settings import load_settings
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; callers never put patient data in messages at INFO or above."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # pynetdicom logs whole datasets at DEBUG and peer details at INFO: keep it at WARNING.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    http: dict[str, object] = {}
+    dimse: dict[str, object] = {}
+    if args.http_port is not None:
+        http["port"] = args.http_port
+    if args.host is not None:
+        http["host"] = args.host
+    if args.dimse_port is not None:
+        dimse["port"] = args.dimse_port
+    overrides: dict[str, object] = {"data_dir": args.data_dir}
+    settings = load_settings(args.config, **overrides)
+    if http or dimse:
+        settings = settings.model_copy(update={
+            "http": settings.http.model_copy(update=http),
+            "dimse": settings.dimse.model_copy(update=dimse),
+        })
+    _configure_logging(settings.log_level)
+    logger = logging.getLogger("dicomflow")
+    logger.info("dicomflow serving DICOMweb on http://%s:%d/dicomweb, data in %s", settings.http.host,
+                settings.http.port, settings.data_dir.resolve())
+    web.run_app(create_app(settings), host=settings.http.host, port=settings.http.port, print=None,
+                access_log=None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dicomflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the DICOMweb and DIMSE server")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--dimse-port", type=int)
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--config", type=Path, help="YAML settings file (see config/settings.example.yaml)")
+    serve.set_defaults(func=_serve)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Wiring only: build the aiohttp application from Settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+from aiohttp import web
+
+from dicomflow.appkeys import BLOBS, INDEX, INGEST, OFFLOADER, SETTINGS
+from dicomflow.cors import cors_middleware
+from dicomflow.dicomweb.errors import dicom_errors
+from dicomflow.dicomweb.routes import setup_routes
+from dicomflow.health import setup_routes as setup_health
+from dicomflow.index.sql import SqlIndexStore
+from dicomflow.ingest.parse import configure_pydicom
+from dicomflow.ingest.service import IngestService
+from dicomflow.offload import Offloader
+from dicomflow.settings import Settings
+from dicomflow.storage.filesystem import FilesystemBlobStore
+
+logger = logging.getLogger(__name__)
+
+
+def _file_root(url: str) -> Path:
+    parsed = urlparse(url)
+    if parsed.scheme != "file":
+        raise ValueError(f"unsupported storage URL {url!r}: use file:///path")
+    return Path(parsed.path)
+
+
+async def _core(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    configure_pydicom()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    offloader = Offloader(settings.limits.parse_workers)
+    index = await SqlIndexStore.open(settings.index_url)
+    blob_root = _file_root(settings.storage_url)
+    blobs = FilesystemBlobStore(blob_root, offloader)
+    app[OFFLOADER] = offloader
+    app[INDEX] = index
+    app[BLOBS] = blobs
+    # the spool lives beside the blobs so that publishing a blob is a rename on one filesystem
+    app[INGEST] = IngestService(settings, index, blobs, offloader, blob_root / ".spool")
+    try:
+        yield
+    finally:
+        await blobs.close()
+        await index.close()
+        offloader.shutdown()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The whole server's HTTP application; DIMSE and workers hang off its cleanup context."""
+    app = web.Application(
+        middlewares=[cors_middleware(settings.http.cors_origins), dicom_errors],
+        client_max_size=1024**2,
+        handler_args={"max_field_size": settings.http.max_field_size,
+                      "max_line_size": settings.http.max_line_size},
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_core)
+    setup_health(app)
+    setup_routes(app)
+    return app

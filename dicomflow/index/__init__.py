@@ -1,0 +1,1 @@
+"""Metadata index: studies, series, instances, outbox; QIDO/C-FIND matching."""

@@ -1,0 +1,1 @@
+"""The one code path every protocol uses to accept an instance."""

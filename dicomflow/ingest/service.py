@@ -1,0 +1,196 @@
+"""The ingest service: spool -> parse once -> validate -> durable blob -> index rows + outbox event.
+
+STOW-RS, C-STORE and import all call :meth:`IngestService.store`. An instance is acknowledged only
+after its blob is durable and its index row and outbox event are committed in one transaction; on
+any failure nothing is left behind (a blob written before a failed commit is deleted; one left by a
+crash is found by ``fsck`` because no row references it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from pydicom.datadict import tag_for_keyword
+
+from dicomflow.errors import (
+    DatasetMismatchError,
+    DicomServiceError,
+    OutOfResourcesError,
+    PayloadTooLargeError,
+)
+from dicomflow.index.base import IndexStore
+from dicomflow.ingest.parse import parse_part10
+from dicomflow.model import InstanceKey, ParsedInstance, Source, StoreOutcome, StoreResult
+from dicomflow.offload import Offloader
+from dicomflow.settings import Settings, TenantSettings
+from dicomflow.storage.base import BlobStore, new_blob_key
+
+logger = logging.getLogger(__name__)
+
+#: PS3.4 B.2.3 Warning: Elements Discarded (used when some attributes could not be indexed)
+WARNING_ELEMENTS_DISCARDED = 0xB006
+
+
+def extra_tags_for(tenant: TenantSettings) -> frozenset[str]:
+    """Resolve a tenant's extra indexed attributes (keywords or 8-hex tags) to tag strings."""
+    tags: set[str] = set()
+    for item in tenant.extra_indexed_attributes:
+        if len(item) == 8 and all(c in "0123456789abcdefABCDEF" for c in item):
+            tags.add(item.upper())
+            continue
+        tag = tag_for_keyword(item)
+        if tag is None:
+            raise ValueError(f"unknown DICOM keyword in extra_indexed_attributes: {item!r}")
+        tags.add(f"{tag:08X}")
+    return frozenset(tags)
+
+
+class Spool:
+    """A local file that receives one instance's bytes as they stream in, hashing them on the way."""
+
+    def __init__(self, path: Path, offloader: Offloader, max_size: int) -> None:
+        self.path = path
+        self._off = offloader
+        self._max = max_size
+        self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in finish()/discard()
+        self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self.size = 0
+        self.consumed = False
+
+    def _flush_sync(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._hash.update(chunk)
+            self._fh.write(chunk)
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._max:
+            raise PayloadTooLargeError("instance exceeds the configured size limit")
+        self._pending.append(chunk)
+        self._pending_len += len(chunk)
+        if self._pending_len >= 1 << 20:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        chunks, self._pending, self._pending_len = self._pending, [], 0
+        if chunks:
+            try:
+                await self._off.run(self._flush_sync, chunks)
+            except OSError as exc:
+                raise OutOfResourcesError("spool disk full or unavailable") from exc
+
+    def write_sync(self, data: bytes) -> None:
+        """For callers already off the loop (DIMSE threads)."""
+        self.size += len(data)
+        if self.size > self._max:
+            raise PayloadTooLargeError("instance exceeds the configured size limit")
+        self._flush_sync([data])
+
+    def _finish_sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    async def finish(self) -> str:
+        """Flush, fsync and close; return the SHA-256 of the content."""
+        await self._flush()
+        try:
+            await self._off.run(self._finish_sync)
+        except OSError as exc:
+            raise OutOfResourcesError("spool disk full or unavailable") from exc
+        return self._hash.hexdigest()
+
+    def discard(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        if not self.consumed:
+            self.path.unlink(missing_ok=True)
+
+    async def __aenter__(self) -> Spool:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.discard()
+
+
+class IngestService:
+    """Accept instances for any tenant, from any protocol."""
+
+    def __init__(self, settings: Settings, index: IndexStore, blobs: BlobStore, offloader: Offloader,
+                 spool_dir: Path) -> None:
+        self.settings = settings
+        self.index = index
+        self.blobs = blobs
+        self._off = offloader
+        self.spool_dir = spool_dir
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self._extra = {name: extra_tags_for(t) for name, t in settings.tenants.items()}
+
+    def spool(self) -> Spool:
+        path = self.spool_dir / f"{uuid.uuid4().hex}.dcm"
+        try:
+            return Spool(path, self._off, self.settings.limits.max_instance_size)
+        except OSError as exc:
+            raise OutOfResourcesError("spool disk full or unavailable") from exc
+
+    async def store(self, tenant: str, spool: Spool, *, source: Source,
+                    expected_study_uid: str | None = None) -> StoreOutcome:
+        """Store one spooled instance; raises a :class:`DicomServiceError` subclass on failure."""
+        sha256 = await spool.finish()
+        parsed = await self._off.run(parse_part10, spool.path, self.settings.limits.bulk_data_threshold)
+        # PS3.18 10.5.1: instances posted to /studies/{study} must belong to that study.
+        if expected_study_uid is not None and parsed.study_instance_uid != expected_study_uid:
+            raise DatasetMismatchError("Study Instance UID does not match the request URL",
+                                       sop_instance_uid=parsed.sop_instance_uid)
+        tenant_settings = self.settings.tenants[tenant]
+        existing = await self.index.find_existing(tenant, parsed.sop_instance_uid)
+        if existing is not None and existing.sha256 == sha256:
+            return self._outcome(tenant, parsed, StoreResult.DUPLICATE)
+        # From here on the store must complete even if the peer goes away: shield it.
+        return await asyncio.shield(self._commit(tenant, tenant_settings, spool, parsed, sha256, source))
+
+    async def _commit(self, tenant: str, tenant_settings: TenantSettings, spool: Spool,
+                      parsed: ParsedInstance, sha256: str, source: Source) -> StoreOutcome:
+        key = new_blob_key(tenant)
+        spool.consumed = True
+        try:
+            await self.blobs.put_file(key, spool.path)
+        except DicomServiceError:
+            spool.consumed = False
+            raise
+        except Exception as exc:
+            spool.consumed = False
+            raise OutOfResourcesError("blob storage unavailable") from exc
+        try:
+            record = await self.index.store_instance(
+                tenant, parsed, blob_key=key, size=spool.size, sha256=sha256, source=source,
+                policy=tenant_settings.duplicate_policy, extra_tags=self._extra[tenant])
+        except BaseException:
+            await self._delete_blob(key)
+            raise
+        if record.obsolete_blob_key is not None:
+            await self._delete_blob(record.obsolete_blob_key)
+        logger.debug("stored tenant=%s sop=%s result=%s", tenant, parsed.sop_instance_uid, record.result)
+        return self._outcome(tenant, parsed, record.result)
+
+    async def _delete_blob(self, key: str) -> None:
+        try:
+            await self.blobs.delete(key)
+        except Exception:  # left for fsck; never hide the original error
+            logger.warning("could not delete blob %s; fsck will remove it", key, exc_info=True)
+
+    def _outcome(self, tenant: str, parsed: ParsedInstance, result: StoreResult) -> StoreOutcome:
+        key = InstanceKey(tenant, parsed.study_instance_uid, parsed.series_instance_uid,
+                          parsed.sop_instance_uid)
+        warning = WARNING_ELEMENTS_DISCARDED if parsed.warnings else None
+        return StoreOutcome(key, parsed.sop_class_uid, result, warning,
+                            "; ".join(parsed.warnings)[:256] if parsed.warnings else None)

@@ -1,0 +1,192 @@
+"""Configuration: one ``Settings`` object built from a YAML file plus environment overrides.
+
+Environment variables use the prefix ``DICOMFLOW_`` and ``__`` for nesting, e.g.
+``DICOMFLOW_HTTP__PORT=8081`` or ``DICOMFLOW_TENANTS__DEFAULT__DUPLICATE_POLICY=overwrite``.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+# PS3.5 6.2: AE titles are up to 16 characters of the Default Character Repertoire, no backslash or control chars.
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do when a SOP Instance UID arrives again with different bytes."""
+
+    REJECT = "reject"  # 409 / 0x0111 Duplicate SOP Instance (PS3.4 B.2.3)
+    OVERWRITE = "overwrite"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validate_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(stripped):
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters, no backslash")
+    return stripped
+
+
+class RemoteNode(_Model):
+    """A DICOM peer this tenant may send to (C-MOVE destination, route target)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _ae = field_validator("ae_title")(validate_ae_title)
+
+
+class CallingAe(_Model):
+    """An allowed calling AE title, optionally bound to a host."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(validate_ae_title)
+
+
+class TenantSettings(_Model):
+    """Per-organization settings."""
+
+    ae_titles: list[str] = Field(default_factory=list)
+    require_known_calling_ae: bool = False
+    allowed_calling_aes: list[CallingAe] = Field(default_factory=list)
+    remote_nodes: dict[str, RemoteNode] = Field(default_factory=dict)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
+    #: PN matching ignores case (PS3.4 C.2.2.2.1 lets the SCP decide for PN).
+    pn_case_insensitive: bool = True
+    #: Extra attributes (keyword or 8-hex tag) indexed and matchable in QIDO/C-FIND at instance level.
+    extra_indexed_attributes: list[str] = Field(default_factory=list)
+
+    _ae = field_validator("ae_titles", mode="after")(lambda v: [validate_ae_title(x) for x in v])
+
+
+class HttpSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Origins allowed to call DICOMweb from a browser (OHIF and other viewers). "*" allows any.
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    #: Largest request line / header field accepted (bytes); beyond it: 431 / 400.
+    max_field_size: int = 16384
+    max_line_size: int = 16384
+
+
+class DimseSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    enabled: bool = True
+    max_associations: int = 64
+    #: ARTIM / idle timeouts in seconds (PS3.8 9.1.5)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    #: Maximum PDU size we receive (bytes)
+    max_pdu: int = 262144
+
+
+class LimitSettings(_Model):
+    qido_default_limit: int = 1000
+    qido_max_limit: int = 10000
+    #: Largest single instance accepted (bytes)
+    max_instance_size: int = 8 * 1024**3
+    #: Value length above which metadata carries a BulkDataURI instead of the value (bytes)
+    bulk_data_threshold: int = 1024
+    #: Parallel pydicom/transcode workers
+    parse_workers: int = 4
+
+
+class Settings(BaseSettings):
+    """Everything the server needs; ``create_app(settings)`` takes one of these."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMFLOW_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_dir: Path = Path("./dicomflow-data")
+    #: ``sqlite:///path`` (default: data_dir/index.sqlite) or ``postgresql://...``
+    index: str | None = None
+    #: ``file:///path`` (default: data_dir/blobs)
+    storage: str | None = None
+    default_tenant: str = "default"
+    tenants: dict[str, TenantSettings] = Field(
+        default_factory=lambda: {"default": TenantSettings(ae_titles=["DICOMFLOW"])}
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    dimse: DimseSettings = Field(default_factory=DimseSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    log_level: str = "INFO"
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, TenantSettings]) -> dict[str, TenantSettings]:
+        for name in value:
+            if not TENANT_RE.match(name):
+                raise ValueError(f"invalid tenant name {name!r}: lowercase letters, digits and '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_tenant not in self.tenants:
+            raise ValueError(f"default_tenant {self.default_tenant!r} is not declared under tenants")
+        seen: dict[str, str] = {}
+        for name, tenant in self.tenants.items():
+            for ae in tenant.ae_titles:
+                if ae in seen:
+                    raise ValueError(f"AE title {ae!r} belongs to both {seen[ae]!r} and {name!r}")
+                seen[ae] = name
+        return self
+
+    @property
+    def index_url(self) -> str:
+        return self.index or f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments (CLI) > environment > YAML file.
+        yaml_file = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file, the environment and explicit overrides."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _CONFIG_FILE["path"] = None

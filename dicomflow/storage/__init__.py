@@ -1,0 +1,1 @@
+"""Blob stores: the original bytes of every instance, under opaque keys."""

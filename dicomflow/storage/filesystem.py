@@ -1,0 +1,114 @@
+"""Blob store on a local folder: the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from dicomflow.errors import NotFoundError, OutOfResourcesError
+from dicomflow.offload import Offloader
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore:
+    """Blobs as files under ``root``; ``put_file`` renames a fsynced spool file into place."""
+
+    def __init__(self, root: Path, offloader: Offloader) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._off = offloader
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise NotFoundError("no such blob")
+        return path
+
+    def _put(self, key: str, src: Path) -> None:
+        dst = self._path(key)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(src, dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # spool on another filesystem: copy, fsync, then publish atomically
+                tmp = dst.with_suffix(".part")
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    while chunk := fin.read(1 << 20):
+                        fout.write(chunk)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                os.replace(tmp, dst)
+                src.unlink(missing_ok=True)
+            _fsync_dir(dst.parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                raise OutOfResourcesError("blob storage unavailable or full") from exc
+            raise
+
+    async def put_file(self, key: str, src: Path) -> None:
+        await self._off.run(self._put, key, src)
+
+    async def delete(self, key: str) -> None:
+        await self._off.run(self._path(key).unlink, True)
+
+    async def exists(self, key: str) -> bool:
+        return await self._off.run(self._path(key).is_file)
+
+    async def size(self, key: str) -> int:
+        try:
+            return (await self._off.run(self._path(key).stat)).st_size
+        except FileNotFoundError:
+            raise NotFoundError("no such blob") from None
+
+    def open_sync(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFoundError("no such blob") from None
+
+    async def stream(self, key: str, start: int = 0, end: int | None = None,
+                     chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        fh = await self._off.run(self.open_sync, key)
+        try:
+            await self._off.run(fh.seek, start)
+            remaining = None if end is None else end - start
+            while remaining is None or remaining > 0:
+                size = chunk_size if remaining is None else min(chunk_size, remaining)
+                chunk = await self._off.run(fh.read, size)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            await self._off.run(fh.close)
+
+    async def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
+        def walk() -> Iterator[str]:
+            base = self.root / prefix if prefix else self.root
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    if not name.endswith(".part"):
+                        yield str((Path(dirpath) / name).relative_to(self.root))
+
+        keys = await self._off.run(lambda: list(walk()))
+        for key in keys:
+            yield key
+            await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        return None

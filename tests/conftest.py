@@ -1,0 +1,106 @@
+"""Shared fixtures: a real server on a free port with its own data directory."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from dicomflow.app import create_app
+from dicomflow.settings import Settings, TenantSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    tenants = overrides.pop("tenants", None) or {
+        "default": TenantSettings(ae_titles=["DICOMFLOW"]),
+        "acme": TenantSettings(ae_titles=["ACME"]),
+        "globex": TenantSettings(ae_titles=["GLOBEX"], duplicate_policy="overwrite"),
+    }
+    dimse = overrides.pop("dimse", None) or {"port": free_port(), "enabled": False}
+    return Settings(data_dir=tmp_path / "data", tenants=tenants, dimse=dimse, **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient:  # type: ignore[type-arg]
+    """An in-process aiohttp test client for the app."""
+    return await aiohttp_client(create_app(settings))
+
+
+@dataclass
+class LiveServer:
+    """The full server running in a background thread with its own event loop, on real ports."""
+
+    settings: Settings
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicomweb"
+
+    def tenant_dicomweb(self, tenant: str) -> str:
+        return f"{self.url}/tenants/{tenant}/dicomweb"
+
+
+def _run_server(settings: Settings, port: int, ready: threading.Event, stop: threading.Event) -> None:
+    async def main() -> None:
+        runner = web.AppRunner(create_app(settings), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def live_server_factory(tmp_path: Path) -> Iterator[Any]:
+    """Start real servers (HTTP + DIMSE when enabled) for clients that nobody here wrote."""
+    stops: list[tuple[threading.Event, threading.Thread]] = []
+
+    def start(settings: Settings | None = None, **overrides: Any) -> LiveServer:
+        cfg = settings or make_settings(tmp_path, **overrides)
+        port = free_port()
+        ready, stop = threading.Event(), threading.Event()
+        thread = threading.Thread(target=_run_server, args=(cfg, port, ready, stop), daemon=True)
+        thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("server did not start")
+        stops.append((stop, thread))
+        return LiveServer(cfg, port)
+
+    yield start
+    for stop, thread in stops:
+        stop.set()
+        thread.join(30)
+
+
+@pytest.fixture
+def live_server(live_server_factory: Any) -> LiveServer:
+    server: LiveServer = live_server_factory()
+    return server
