@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -63,6 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``register(subparsers)`` functions of command groups living in their own modules
+_SUBCOMMANDS: list[Callable[[Any], None]] = []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dicomflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", type=Path)
     serve.add_argument("--config", type=Path, help="YAML settings file (see config/settings.example.yaml)")
     serve.set_defaults(func=_serve)
+    for register in _SUBCOMMANDS:  # other command groups (routes, db, fsck, ...) register themselves here
+        register(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -1,0 +1,55 @@
+"""pynetdicom runs each association in its own thread; handlers hop onto the server's event loop here.
+
+A handler never calls ``asyncio.run()`` and never opens its own database engine: the index pool and
+blob store belong to the main loop (STYLE 2.5.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dicomflow.errors import OutOfResourcesError
+from dicomflow.index.base import IndexStore
+from dicomflow.ingest.service import IngestService
+from dicomflow.offload import Offloader
+from dicomflow.settings import Settings
+from dicomflow.storage.base import BlobStore
+
+T = TypeVar("T")
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Run ``coro`` on ``loop`` from a pynetdicom thread and wait for its result."""
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise OutOfResourcesError("timed out waiting for storage") from None
+
+
+@dataclass(frozen=True, slots=True)
+class DimseContext:
+    """Everything a DIMSE handler needs, captured once when the SCP starts."""
+
+    loop: asyncio.AbstractEventLoop
+    settings: Settings
+    index: IndexStore
+    blobs: BlobStore
+    ingest: IngestService
+    offloader: Offloader
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return run_on_loop(self.loop, coro, timeout if timeout is not None else self.settings.dimse.dimse_timeout)
+
+    def tenant_for_called_ae(self, called_ae: str) -> str | None:
+        """The tenant that owns a called AE title, or None (PS3.8 7.1.1.7: reject 'called AE not recognized')."""
+        called = called_ae.strip()
+        for name, tenant in self.settings.tenants.items():
+            if called in tenant.ae_titles:
+                return name
+        return None
