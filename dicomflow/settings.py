@@ -101,6 +101,67 @@ class DimseSettings(_Model):
     max_pdu: int = 262144
 
 
+class ClaimPreset(StrEnum):
+    """How token claims map to organizations and roles."""
+
+    #: ``organization`` claim (list of names or object keyed by name); roles from ``realm_access.roles``
+    #: and ``resource_access.<audience>.roles`` apply to every organization in the token.
+    KEYCLOAK = "keycloak"
+    #: ``tenants`` claim (list, or object tenant -> roles) with ``roles``; and scope strings
+    #: ``dicomflow:<tenant>:<role>``.
+    GENERIC = "generic"
+
+
+class IssuerSettings(_Model):
+    """One trusted OIDC issuer (RFC 8414 / OpenID Connect Discovery 1.0)."""
+
+    issuer: str
+    audience: list[str]
+    #: default: ``{issuer}/.well-known/openid-configuration``
+    discovery_url: str | None = None
+    #: Never ``none`` and never HMAC: only asymmetric algorithms verified against the issuer's JWKS.
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "RS384", "RS512", "PS256", "PS384",
+                                                           "PS512", "ES256", "ES384", "ES512", "EdDSA"])
+    preset: ClaimPreset = ClaimPreset.GENERIC
+    #: Dot path of the claim naming organizations; default per preset.
+    tenants_claim: str | None = None
+    #: Dot paths of claims holding role lists; default per preset.
+    roles_claims: list[str] | None = None
+    #: Map an organization name in the token to a tenant name here (default: identical).
+    tenant_aliases: dict[str, str] = Field(default_factory=dict)
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _no_none(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if a.lower() == "none" or a.upper().startswith("HS")]
+        if bad:
+            raise ValueError(f"algorithms not allowed for bearer tokens: {bad}")
+        return value
+
+
+class AuthSettings(_Model):
+    """OAuth2 resource server settings. No issuers: authentication is off (loopback only)."""
+
+    issuers: list[IssuerSettings] = Field(default_factory=list)
+    #: role -> permissions (read, search, write, delete, merge, import, export, admin)
+    role_permissions: dict[str, list[str]] = Field(default_factory=lambda: {
+        "viewer": ["read", "search"],
+        "technologist": ["read", "search", "write"],
+        "integrator": ["read", "search", "write", "import", "export"],
+        "data-manager": ["read", "search", "write", "delete", "merge", "import", "export"],
+        "admin": ["read", "search", "write", "delete", "merge", "import", "export", "admin"],
+    })
+    #: Longest bearer token accepted (bytes)
+    max_token_bytes: int = 16384
+    #: Minimum seconds between two JWKS refreshes triggered by an unknown key id
+    jwks_refresh_interval: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuers)
+
+
 class LimitSettings(_Model):
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000
@@ -131,6 +192,9 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    #: Serve on a non-loopback address without authentication (refused unless set explicitly).
+    insecure: bool = False
     log_level: str = "INFO"
 
     @field_validator("tenants")
