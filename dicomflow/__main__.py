@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import sys
@@ -40,6 +41,13 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _serve(args: argparse.Namespace) -> int:
     http: dict[str, object] = {}
     dimse: dict[str, object] = {}
@@ -49,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
         http["host"] = args.host
     if args.dimse_port is not None:
         dimse["port"] = args.dimse_port
-    overrides: dict[str, object] = {"data_dir": args.data_dir}
+    overrides: dict[str, object] = {"data_dir": args.data_dir, "insecure": True if args.insecure else None}
     settings = load_settings(args.config, **overrides)
     if http or dimse:
         settings = settings.model_copy(update={
@@ -58,6 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
         })
     _configure_logging(settings.log_level)
     logger = logging.getLogger("dicomflow")
+    if not settings.auth.enabled and not _is_loopback(settings.http.host) and not settings.insecure:
+        logger.error("refusing to serve on %s without authentication: configure auth.issuers, bind to "
+                     "127.0.0.1, or pass --insecure", settings.http.host)
+        return 2
     logger.info("dicomflow serving DICOMweb on http://%s:%d/dicomweb, data in %s", settings.http.host,
                 settings.http.port, settings.data_dir.resolve())
     web.run_app(create_app(settings), host=settings.http.host, port=settings.http.port, print=None,
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--dimse-port", type=int)
     serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback HTTP address without authentication")
     serve.add_argument("--config", type=Path, help="YAML settings file (see config/settings.example.yaml)")
     serve.set_defaults(func=_serve)
     for register in _SUBCOMMANDS:  # other command groups (routes, db, fsck, ...) register themselves here

@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import aiohttp
 from aiohttp import web
 
 from dicomflow.appkeys import BLOBS, INDEX, INGEST, OFFLOADER, SETTINGS
+from dicomflow.auth.middleware import AUTHENTICATOR, auth_middleware
+from dicomflow.auth.oidc import Authenticator
 from dicomflow.cors import cors_middleware
 from dicomflow.dicomweb.errors import dicom_errors
 from dicomflow.dicomweb.routes import setup_routes
@@ -52,16 +55,28 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         offloader.shutdown()
 
 
+async def _auth(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if not settings.auth.enabled:
+        logger.warning("AUTHENTICATION IS OFF: no OIDC issuer configured; every request is trusted")
+        yield
+        return
+    async with aiohttp.ClientSession() as session:
+        app[AUTHENTICATOR] = Authenticator(settings.auth, session)
+        yield
+
+
 def create_app(settings: Settings) -> web.Application:
     """The whole server's HTTP application; DIMSE and workers hang off its cleanup context."""
     app = web.Application(
-        middlewares=[cors_middleware(settings.http.cors_origins), dicom_errors],
+        middlewares=[cors_middleware(settings.http.cors_origins), auth_middleware(settings), dicom_errors],
         client_max_size=1024**2,
         handler_args={"max_field_size": settings.http.max_field_size,
                       "max_line_size": settings.http.max_line_size},
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_core)
+    app.cleanup_ctx.append(_auth)
     setup_health(app)
     setup_routes(app)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dicomflow.appkeys import BLOBS, INDEX
+from dicomflow.appkeys import BLOBS, INDEX, SETTINGS
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -24,6 +24,8 @@ async def readyz(request: web.Request) -> web.Response:
         checks["storage"] = "ok"
     except Exception as exc:
         ok, checks["storage"] = False, f"unavailable: {type(exc).__name__}"
+    # loud on purpose: an operator must see that the server trusts every request
+    checks["authentication"] = "on" if request.app[SETTINGS].auth.enabled else "OFF (loopback only)"
     return web.json_response({"status": "ready" if ok else "not ready", "checks": checks},
                              status=200 if ok else 503)
 
