@@ -17,10 +17,13 @@ class DicomServiceError(Exception):
     dimse_status: ClassVar[int] = 0x0110  # PS3.7 Annex C Processing Failure
     retryable: ClassVar[bool] = False
 
-    def __init__(self, detail: str, *, sop_instance_uid: str | None = None) -> None:
+    def __init__(self, detail: str, *, sop_instance_uid: str | None = None,
+                 sop_class_uid: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.sop_instance_uid = sop_instance_uid
+        #: known once the instance is parsed; reported in the STOW FailedSOPSequence (PS3.18 Table I.1-1)
+        self.sop_class_uid = sop_class_uid
 
 
 class InvalidRequestError(DicomServiceError):
