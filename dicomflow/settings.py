@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -74,6 +74,8 @@ class TenantSettings(_Model):
     pn_case_insensitive: bool = True
     #: Extra attributes (keyword or 8-hex tag) indexed and matchable in QIDO/C-FIND at instance level.
     extra_indexed_attributes: list[str] = Field(default_factory=list)
+    #: quiet time (seconds) before series.stable / study.stable for this tenant (default: routing.stable_after)
+    stable_after: float | None = Field(default=None, ge=0)
 
     _ae = field_validator("ae_titles", mode="after")(lambda v: [validate_ae_title(x) for x in v])
 
@@ -162,6 +164,110 @@ class AuthSettings(_Model):
         return bool(self.issuers)
 
 
+class OAuth2ClientCredentials(_Model):
+    """OAuth2 client-credentials grant (RFC 6749 4.4) used to call a destination."""
+
+    token_url: str
+    client_id: str
+    client_secret: SecretStr
+    scope: str | None = None
+    #: RFC 8707 resource indicator, for servers that issue audience-bound tokens
+    resource: str | None = None
+
+
+class BasicAuth(_Model):
+    username: str
+    password: SecretStr
+
+
+class _HttpDestination(_Model):
+    url: str
+    oauth2: OAuth2ClientCredentials | None = None
+    basic: BasicAuth | None = None
+    #: seconds for one request (connect + response)
+    timeout: float = Field(default=30.0, gt=0)
+    #: deliveries to this destination running at once (per worker process)
+    concurrency: int = Field(default=4, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> _HttpDestination:
+        if self.oauth2 is not None and self.basic is not None:
+            raise ValueError("give either oauth2 or basic credentials, not both")
+        return self
+
+
+class FhirDestination(_HttpDestination):
+    """A FHIR R4 server (base URL)."""
+
+    type: Literal["fhir"]
+
+
+class DicomwebDestination(_HttpDestination):
+    """A DICOMweb service root that accepts STOW-RS (PS3.18 10.5)."""
+
+    type: Literal["dicomweb"]
+    #: instances per STOW-RS request
+    batch_size: int = Field(default=50, ge=1, le=10000)
+
+
+class WebhookDestination(_Model):
+    """An HTTP endpoint receiving JSON events signed with HMAC-SHA256."""
+
+    type: Literal["webhook"]
+    url: str
+    secret: SecretStr
+    timeout: float = Field(default=10.0, gt=0)
+    concurrency: int = Field(default=4, ge=1, le=256)
+
+
+class DicomDestination(_Model):
+    """A remote DICOM node receiving C-STORE (PS3.4 Annex B)."""
+
+    type: Literal["dicom"]
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str = "DICOMFLOW"
+    timeout: float = Field(default=60.0, gt=0)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    #: instances sent on one association
+    batch_size: int = Field(default=500, ge=1)
+
+    _ae = field_validator("ae_title", "calling_ae_title")(validate_ae_title)
+
+
+Destination = Annotated[
+    FhirDestination | DicomwebDestination | WebhookDestination | DicomDestination, Field(discriminator="type")
+]
+
+
+class RoutingSettings(_Model):
+    """The routing engine: where routes and mappings live, destinations and their credentials, delivery."""
+
+    enabled: bool = True
+    #: folder of routes/*.yaml; None: no routes (the outbox is still drained)
+    routes_dir: Path | None = None
+    #: folder of mappings/*.yaml used by fhir actions
+    mappings_dir: Path = Path("mappings")
+    #: named destinations that route actions refer to
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    #: base URL under which peers reach this server (FHIR Endpoint.address); default http://host:port
+    public_url: str | None = None
+    #: seconds between outbox polls and between route-file checks
+    poll_interval: float = Field(default=0.5, gt=0)
+    reload_interval: float = Field(default=1.0, gt=0)
+    #: default quiet time (seconds) before series.stable / study.stable; routes and tenants may override
+    stable_after: float = Field(default=90.0, ge=0)
+    #: attempts before a delivery becomes a dead letter
+    max_attempts: int = Field(default=12, ge=1)
+    #: exponential back-off: initial and maximum delay in seconds (full jitter)
+    backoff_initial: float = Field(default=2.0, gt=0)
+    backoff_max: float = Field(default=900.0, gt=0)
+    #: seconds a worker owns a claimed delivery; after a crash another worker takes it over
+    lease: float = Field(default=300.0, gt=0)
+    batch_size: int = Field(default=100, ge=1)
+
+
 class LimitSettings(_Model):
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000
@@ -193,6 +299,7 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     #: Serve on a non-loopback address without authentication (refused unless set explicitly).
     insecure: bool = False
     log_level: str = "INFO"

@@ -117,3 +117,45 @@ outbox = sa.Table(
     sa.Column("done_at", sa.Float),
 )
 sa.Index("ix_outbox_pending", outbox.c.done_at, outbox.c.id)
+
+#: Routing engine: one row per (outbox event, route, action step); the delivery queue and dead-letter list.
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("outbox_id", sa.BigInteger, nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("route", sa.String(64), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),  # index of the action in the route
+    sa.Column("action", sa.String(16), nullable=False),  # fhir | dicomweb | dicom | webhook
+    sa.Column("destination", sa.String(64), nullable=False),
+    sa.Column("study_uid", sa.String(64)),
+    sa.Column("series_uid", sa.String(64)),
+    sa.Column("sop_uid", sa.String(64)),
+    sa.Column("event_json", Json, nullable=False),
+    sa.Column("action_json", Json, nullable=False),  # the action as configured when the event was routed
+    sa.Column("status", sa.String(16), nullable=False),  # waiting | pending | done | dead | dropped
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("claimed_by", sa.Text),
+    sa.Column("claimed_until", sa.Float),
+    sa.Column("last_error", sa.Text),
+    sa.Column("outcome", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("outbox_id", "route", "step", name="uq_deliveries_event_route_step"),
+)
+sa.Index("ix_deliveries_due", deliveries.c.status, deliveries.c.next_attempt_at)
+sa.Index("ix_deliveries_study", deliveries.c.tenant, deliveries.c.study_uid)
+
+#: series.stable / study.stable detection: one row per (level, UID, quiet window) until the event is emitted.
+stability = sa.Table(
+    "stability", metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("level", sa.String(8), primary_key=True),  # study | series
+    sa.Column("uid", sa.String(64), primary_key=True),
+    sa.Column("window", sa.Float, primary_key=True),  # seconds without a new instance
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("due_at", sa.Float, nullable=False),
+)
+sa.Index("ix_stability_due", stability.c.due_at)
