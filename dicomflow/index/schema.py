@@ -154,7 +154,7 @@ stability = sa.Table(
     sa.Column("tenant", sa.String(64), primary_key=True),
     sa.Column("level", sa.String(8), primary_key=True),  # study | series
     sa.Column("uid", sa.String(64), primary_key=True),
-    sa.Column("window", sa.Float, primary_key=True),  # seconds without a new instance
+    sa.Column("quiet", sa.Float, primary_key=True),  # seconds without a new instance
     sa.Column("study_uid", sa.String(64), nullable=False),
     sa.Column("due_at", sa.Float, nullable=False),
 )
