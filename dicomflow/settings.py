@@ -155,7 +155,7 @@ class AuthSettings(_Model):
         "admin": ["read", "search", "write", "delete", "merge", "import", "export", "admin"],
     })
     #: Longest bearer token accepted (bytes)
-    max_token_bytes: int = 16384
+    max_token_bytes: int = 8192
     #: Minimum seconds between two JWKS refreshes triggered by an unknown key id
     jwks_refresh_interval: float = 10.0
 

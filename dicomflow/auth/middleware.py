@@ -78,6 +78,8 @@ def auth_middleware(settings: Settings) -> Middleware:
         header = request.headers.get("Authorization")
         if header is None:
             return _challenge(401, None, "bearer token required")
+        if not header[:7].lower().startswith("bearer"):
+            return _challenge(401, None, "bearer token required")  # RFC 6750 3: other schemes
         match = _BEARER.match(header)
         if match is None:
             return _challenge(400, "invalid_request", "malformed Authorization header")
