@@ -159,3 +159,27 @@ stability = sa.Table(
     sa.Column("due_at", sa.Float, nullable=False),
 )
 sa.Index("ix_stability_due", stability.c.due_at)
+
+#: Audit trail (PS3.15 A.5 semantics as FHIR AuditEvent JSON): append-only, hash-chained per tenant.
+audit_events = sa.Table(
+    "audit_events", metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("recorded", sa.Float, nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),  # store | query | retrieve | delete | ... | login
+    sa.Column("outcome", sa.Integer, nullable=False),  # FHIR AuditEvent.outcome: 0, 4, 8, 12
+    sa.Column("study_uid", sa.String(64)),
+    sa.Column("event_json", Json, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),  # sha256(prev_hash + event_json)
+)
+sa.Index("ix_audit_recorded", audit_events.c.tenant, audit_events.c.recorded)
+sa.Index("ix_audit_study", audit_events.c.tenant, audit_events.c.study_uid)
+
+#: Head of each tenant's audit chain; updated in the same transaction as the records it covers.
+audit_heads = sa.Table(
+    "audit_heads", metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
