@@ -64,6 +64,13 @@ class IndexStore(Protocol):
         """The stored PS3.18 JSON of each matching instance (as text, bulk data as placeholders)."""
         ...
 
+    async def instance_metadata_keyed(
+        self, tenant: str, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[tuple[str, str, str]]:
+        """(Series Instance UID, SOP Instance UID, stored JSON text) of each matching instance, in
+        :meth:`list_instances` order; WADO-RS /metadata rewrites BulkDataURI placeholders with the UIDs."""
+        ...
+
     async def delete(
         self, tenant: str, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
         *, source: Source,

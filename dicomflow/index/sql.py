@@ -344,6 +344,15 @@ class SqlIndexStore:
                 [t.instances.c.metadata_json], tenant, study_uid, series_uid, sop_uid))).scalars().all()
         return list(rows)
 
+    async def instance_metadata_keyed(
+        self, tenant: str, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[tuple[str, str, str]]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(self._instances_query(
+                [t.instances.c.series_uid, t.instances.c.sop_uid, t.instances.c.metadata_json],
+                tenant, study_uid, series_uid, sop_uid))).all()
+        return [(r[0], r[1], r[2]) for r in rows]
+
     async def stored_sop_instances(self, tenant: str, sop_uids: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
         async with self.engine.connect() as conn:
