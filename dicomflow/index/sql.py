@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -140,6 +140,13 @@ class SqlIndexStore:
                     yield conn
         except sa.exc.OperationalError as exc:
             raise OutOfResourcesError("index unavailable") from exc
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A write transaction for other parts sharing the index database (audit, routing).
+
+        On SQLite it holds the same in-process writer lock as the ingest path.
+        """
+        return self._write()
 
     def _insert(self, table: sa.Table) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
