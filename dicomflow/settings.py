@@ -268,6 +268,22 @@ class RoutingSettings(_Model):
     batch_size: int = Field(default=100, ge=1)
 
 
+class SyslogSettings(_Model):
+    """Forward audit records to a syslog collector (RFC 5424 over UDP, RFC 5425-style octet counting on TCP)."""
+
+    host: str
+    port: int = Field(default=514, ge=1, le=65535)
+    protocol: str = Field(default="udp", pattern="^(udp|tcp)$")
+    app_name: str = "dicomflow"
+
+
+class AuditSettings(_Model):
+    enabled: bool = True
+    #: records waiting to be written; beyond this the sink reports itself full (never blocks a protocol)
+    queue_size: int = Field(default=10000, ge=10)
+    syslog: SyslogSettings | None = None
+
+
 class LimitSettings(_Model):
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000
@@ -277,6 +293,36 @@ class LimitSettings(_Model):
     bulk_data_threshold: int = 1024
     #: Parallel pydicom/transcode workers
     parse_workers: int = 4
+
+
+class S3Settings(_Model):
+    """How to reach the object store when ``storage`` is ``s3://bucket/prefix``.
+
+    Credentials left empty come from botocore's usual chain (``AWS_ACCESS_KEY_ID``..., instance role).
+    """
+
+    #: e.g. ``http://127.0.0.1:8333`` for SeaweedFS/MinIO; empty for AWS
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    #: path-style addressing (``endpoint/bucket/key``), which most S3-compatible stores need
+    path_style: bool = False
+    #: server-side encryption: ``AES256`` (SSE-S3) or ``aws:kms`` (SSE-KMS, with an optional key id)
+    sse: Literal["AES256", "aws:kms"] | None = None
+    sse_kms_key_id: str | None = None
+    #: tenant -> bucket for tenants kept in a bucket of their own (others use the URL's bucket)
+    tenant_buckets: dict[str, str] = Field(default_factory=dict)
+    #: create missing buckets at start (convenient for a private SeaweedFS/MinIO)
+    create_buckets: bool = False
+    #: multipart upload part size (bytes, at least 5 MiB) and parts in flight per upload
+    part_size: int = Field(default=8 * 1024**2, ge=5 * 1024**2)
+    part_concurrency: int = Field(default=4, ge=1)
+    #: attempts per request (botocore "standard" retries with exponential back-off)
+    max_attempts: int = Field(default=5, ge=1)
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
 
 
 class Settings(BaseSettings):
@@ -289,8 +335,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./dicomflow-data")
     #: ``sqlite:///path`` (default: data_dir/index.sqlite) or ``postgresql://...``
     index: str | None = None
-    #: ``file:///path`` (default: data_dir/blobs)
+    #: ``file:///path`` (default: data_dir/blobs) or ``s3://bucket/prefix`` (see ``s3``)
     storage: str | None = None
+    s3: S3Settings = Field(default_factory=S3Settings)
     default_tenant: str = "default"
     tenants: dict[str, TenantSettings] = Field(
         default_factory=lambda: {"default": TenantSettings(ae_titles=["DICOMFLOW"])}
@@ -299,6 +346,7 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     #: Serve on a non-loopback address without authentication (refused unless set explicitly).
     insecure: bool = False
