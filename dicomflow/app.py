@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
-from urllib.parse import urlparse
 
 import aiohttp
 from aiohttp import web
@@ -22,16 +20,9 @@ from dicomflow.ingest.parse import configure_pydicom
 from dicomflow.ingest.service import IngestService
 from dicomflow.offload import Offloader
 from dicomflow.settings import Settings
-from dicomflow.storage.filesystem import FilesystemBlobStore
+from dicomflow.storage.factory import open_blob_store, spool_dir
 
 logger = logging.getLogger(__name__)
-
-
-def _file_root(url: str) -> Path:
-    parsed = urlparse(url)
-    if parsed.scheme != "file":
-        raise ValueError(f"unsupported storage URL {url!r}: use file:///path")
-    return Path(parsed.path)
 
 
 async def _core(app: web.Application) -> AsyncIterator[None]:
@@ -40,13 +31,15 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     offloader = Offloader(settings.limits.parse_workers)
     index = await SqlIndexStore.open(settings.index_url)
-    blob_root = _file_root(settings.storage_url)
-    blobs = FilesystemBlobStore(blob_root, offloader)
+    try:
+        blobs = await open_blob_store(settings, offloader)
+    except BaseException:
+        await index.close()
+        raise
     app[OFFLOADER] = offloader
     app[INDEX] = index
     app[BLOBS] = blobs
-    # the spool lives beside the blobs so that publishing a blob is a rename on one filesystem
-    app[INGEST] = IngestService(settings, index, blobs, offloader, blob_root / ".spool")
+    app[INGEST] = IngestService(settings, index, blobs, offloader, spool_dir(settings))
     try:
         yield
     finally:

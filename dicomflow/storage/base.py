@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -12,6 +13,16 @@ def new_blob_key(tenant: str) -> str:
     """An opaque key: tenant prefix plus a random id, never built from peer-supplied UIDs."""
     hexid = uuid.uuid4().hex
     return f"{tenant}/{hexid[:2]}/{hexid[2:4]}/{hexid}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One stored blob as listed by :meth:`BlobStore.iter_blobs`."""
+
+    key: str
+    size: int
+    #: last modification, seconds since the epoch
+    modified: float
 
 
 class BlobStore(Protocol):
@@ -47,6 +58,10 @@ class BlobStore(Protocol):
 
     def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
         """Every key under a prefix (for consistency checks)."""
+        ...
+
+    def iter_blobs(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        """Every blob under a prefix with its size and age (fsck tells crash leftovers from uploads)."""
         ...
 
     async def close(self) -> None: ...

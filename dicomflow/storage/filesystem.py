@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
 from dicomflow.errors import NotFoundError, OutOfResourcesError
 from dicomflow.offload import Offloader
+from dicomflow.storage.base import BlobInfo
 
 
 def _fsync_dir(path: Path) -> None:
@@ -19,6 +20,10 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rel(directory: str, root: Path) -> str:
+    return str(Path(directory).relative_to(root)) + "/"
 
 
 class FilesystemBlobStore:
@@ -98,16 +103,38 @@ class FilesystemBlobStore:
             await self._off.run(fh.close)
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
-        def walk() -> Iterator[str]:
-            base = self.root / prefix if prefix else self.root
-            for dirpath, _dirs, files in os.walk(base):
-                for name in files:
-                    if not name.endswith(".part"):
-                        yield str((Path(dirpath) / name).relative_to(self.root))
+        async for info in self.iter_blobs(prefix):
+            yield info.key
 
-        keys = await self._off.run(lambda: list(walk()))
-        for key in keys:
-            yield key
+    async def iter_blobs(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        def walk_dir(directory: str) -> tuple[list[str], list[BlobInfo]]:
+            subdirs: list[str] = []
+            found: list[BlobInfo] = []
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):  # .spool and other private folders: not blobs
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(".part"):
+                        st = entry.stat()
+                        key = str(Path(entry.path).relative_to(self.root))
+                        if key.startswith(prefix):
+                            found.append(BlobInfo(key, st.st_size, st.st_mtime))
+            return subdirs, found
+
+        # one directory per offloaded call: memory stays bounded by the widest folder, not the store
+        pending = [str(self.root)]
+        while pending:
+            directory = pending.pop()
+            try:
+                subdirs, found = await self._off.run(walk_dir, directory)
+            except FileNotFoundError:
+                continue
+            pending.extend(d for d in subdirs
+                           if prefix.startswith(_rel(d, self.root)) or _rel(d, self.root).startswith(prefix))
+            for info in found:
+                yield info
             await asyncio.sleep(0)
 
     async def close(self) -> None:
