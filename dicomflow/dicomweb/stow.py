@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientConnectionError, web
 
 from dicomflow.appkeys import INGEST
 from dicomflow.dicomweb.common import (
@@ -19,7 +21,12 @@ from dicomflow.dicomweb.common import (
     tenant_of,
 )
 from dicomflow.dicomweb.media import parse_media_type
-from dicomflow.errors import DicomServiceError, InvalidRequestError, UnsupportedMediaTypeError
+from dicomflow.errors import (
+    DicomServiceError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
 from dicomflow.model import Protocol, Source, StoreOutcome
 
 logger = logging.getLogger(__name__)
@@ -27,8 +34,8 @@ logger = logging.getLogger(__name__)
 PART_CHUNK = 256 * 1024
 
 # PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 FailureReason values used here
-FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_PROCESSING = 0x0110
+FAILURE_CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot Understand
+FAILURE_PROCESSING = 0x0110  # PS3.7 C.5 Processing Failure
 
 
 def stow_status(stored: int, warned: int, failed: int) -> int:
@@ -62,15 +69,74 @@ def _check_request_type(request: web.Request) -> None:
         raise InvalidRequestError("multipart/related Content-Type has no boundary")
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    reason: int
+    detail: str
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def _failure_item(f: _Failure) -> dict[str, Any]:
+    # PS3.18 Table I.1-1: SOP Instance Reference Macro + Failure Reason; the UIDs are given when known
+    item: dict[str, Any] = {}
+    if f.sop_class_uid:
+        item["00081150"] = _ui(f.sop_class_uid)
+    if f.sop_instance_uid:
+        item["00081155"] = _ui(f.sop_instance_uid)
+    item["00081197"] = _us(f.reason)
+    return item
+
+
+def _reference_item(root: str, o: StoreOutcome) -> dict[str, Any]:
+    k = o.key
+    ref: dict[str, Any] = {
+        "00081150": _ui(o.sop_class_uid),
+        "00081155": _ui(k.sop_instance_uid),
+        "00081190": {"vr": "UR", "Value": [instance_url(root, k.study_instance_uid, k.series_instance_uid,
+                                                        k.sop_instance_uid)]},
+    }
+    if o.warning is not None:
+        ref["00081196"] = _us(o.warning)  # PS3.18 I.2.1 Warning Reason
+    return ref
+
+
+def response_body(root: str, stored: list[StoreOutcome], failed: list[_Failure]) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Annex I, Table I.1-1)."""
+    # Retrieve URL is Type 2: the study's URL when every stored instance is in one study, else empty.
+    studies = {o.key.study_instance_uid for o in stored}
+    body: dict[str, Any] = {"00081190": {"vr": "UR", "Value": [study_url(root, studies.pop())]}
+                            if len(studies) == 1 else {"vr": "UR"}}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": [_failure_item(f) for f in failed]}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": [_reference_item(root, o) for o in stored]}
+    return body
+
+
+async def _store_part(request: web.Request, part: BodyPartReader, tenant: str, study: str | None,
+                      source: Source) -> StoreOutcome:
+    ingest = request.app[INGEST]
+    async with ingest.spool() as spool:
+        try:
+            while chunk := await part.read_chunk(PART_CHUNK):
+                await spool.write(chunk)
+        except (ValueError, AssertionError) as exc:
+            raise InvalidRequestError("malformed multipart part") from exc
+        except PayloadTooLargeError:
+            await part.release()
+            raise
+        return await ingest.store(tenant, spool, source=source, expected_study_uid=study)
+
+
 async def stow(request: web.Request) -> web.Response:
     tenant = tenant_of(request)
     study = optional_path_uid(request, "study")
     _check_request_type(request)
-    ingest = request.app[INGEST]
     root = dicomweb_root(request)
     source = Source(Protocol.DICOMWEB, address=request.remote)
     stored: list[StoreOutcome] = []
-    failed: list[tuple[str | None, str | None, int, str]] = []  # class, instance, reason, detail
+    failed: list[_Failure] = []
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as exc:
@@ -83,71 +149,48 @@ async def stow(request: web.Request) -> web.Response:
         except (ValueError, AssertionError) as exc:
             if not parts:
                 raise InvalidRequestError("malformed multipart body") from exc
-            failed.append((None, None, FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point"))
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point"))
             break
         if part is None:
             break
         parts += 1
         if not isinstance(part, BodyPartReader):
-            failed.append((None, None, FAILURE_CANNOT_UNDERSTAND, "nested multipart is not supported"))
+            await part.release()
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "nested multipart is not supported"))
             continue
+        # RFC 2387 3.1: a part without Content-Type has the root type, application/dicom here
         part_type = parse_media_type(part.headers.get("Content-Type", "application/dicom")).type
         if part_type != "application/dicom":
             await part.release()
-            failed.append((None, None, 0xC122, f"part media type {part_type!r} is not application/dicom"))
+            failed.append(_Failure(UnsupportedMediaTypeError.dimse_status,
+                                   f"part media type {part_type!r} is not application/dicom"))
             continue
         try:
-            async with ingest.spool() as spool:
-                try:
-                    while chunk := await part.read_chunk(PART_CHUNK):
-                        await spool.write(chunk)
-                except (ValueError, AssertionError) as exc:
-                    raise InvalidRequestError("malformed multipart part") from exc
-                outcome = await ingest.store(tenant, spool, source=source, expected_study_uid=study)
-            stored.append(outcome)
+            stored.append(await _store_part(request, part, tenant, study, source))
         except DicomServiceError as exc:
-            # each failed instance becomes one FailedSOPSequence item (PS3.18 10.5.3)
+            # each failed instance becomes one FailedSOPSequence item (PS3.18 10.5.3, Annex I)
             logger.warning("STOW tenant=%s part=%d failed %04X: %s", tenant, parts, exc.dimse_status,
                            exc.detail)
-            failed.append((None, exc.sop_instance_uid, exc.dimse_status, exc.detail))
-            if exc.http_status == 413:
-                await part.release()
+            failed.append(_Failure(exc.dimse_status, exc.detail, exc.sop_class_uid, exc.sop_instance_uid))
+        except (ConnectionError, ClientConnectionError, asyncio.IncompleteReadError):
+            raise  # the client went away: nothing to answer; the spool was discarded
+        except Exception:  # a bug or backend fault: report this instance, keep the others' outcomes
+            logger.exception("STOW tenant=%s part=%d failed unexpectedly", tenant, parts)
+            failed.append(_Failure(FAILURE_PROCESSING, "internal error while storing the instance"))
     if parts == 0:
+        # PS3.18 Table 10.5.3-1: 400, nothing could be stored because of bad syntax
         raise InvalidRequestError("multipart body contains no parts")
 
-    body: dict[str, Any] = {}
-    studies = {o.key.study_instance_uid for o in stored} | ({study} if study else set())
-    if len(studies) == 1:
-        body["00081190"] = {"vr": "UR", "Value": [study_url(root, next(iter(studies)))]}
-    if failed:
-        items = []
-        for sop_class, sop_uid, reason, _detail in failed:
-            item: dict[str, Any] = {"00081197": _us(reason)}
-            if sop_class:
-                item["00081150"] = _ui(sop_class)
-            if sop_uid:
-                item["00081155"] = _ui(sop_uid)
-            items.append(item)
-        body["00081198"] = {"vr": "SQ", "Value": items}
-    if stored:
-        refs = []
-        for o in stored:
-            k = o.key
-            ref: dict[str, Any] = {
-                "00081150": _ui(o.sop_class_uid),
-                "00081155": _ui(k.sop_instance_uid),
-                "00081190": {"vr": "UR", "Value": [instance_url(root, k.study_instance_uid,
-                                                                k.series_instance_uid, k.sop_instance_uid)]},
-            }
-            if o.warning is not None:
-                ref["00081196"] = _us(o.warning)
-            refs.append(ref)
-        body["00081199"] = {"vr": "SQ", "Value": refs}
+    body = response_body(root, stored, failed)
     warned = sum(1 for o in stored if o.warning is not None)
     status = stow_status(len(stored), warned, len(failed))
-    headers = {}
+    headers: dict[str, str] = {}
+    if failed and not stored and all(f.reason & 0xFF00 == 0xA700 for f in failed):
+        # PS3.18 8.5: every instance was refused for lack of resources: 503 tells the client to retry
+        status = 503
+        headers["Retry-After"] = "5"
     if failed:
-        details = "; ".join(sorted({d for *_x, d in failed}))[:500]
+        details = "; ".join(sorted({f.detail for f in failed}))[:500]
         headers["Warning"] = f'299 dicomflow "{len(failed)} instance(s) failed: {details}"'
     return web.Response(status=status, text=json.dumps(body), content_type=DICOM_JSON, headers=headers)
 

@@ -7,6 +7,7 @@ disk, and their JSON carries a BulkDataURI placeholder instead of the value.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,11 +20,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from dicomflow.errors import DatasetMismatchError, UnreadableInstanceError
+from dicomflow.errors import DatasetMismatchError, UnreadableInstanceError, UnsupportedMediaTypeError
 from dicomflow.model import BULK_PLACEHOLDER, ParsedInstance, is_valid_uid
 
 #: VRs whose values may be bulk data (PS3.18 8.6: "large" binary values)
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_FLOAT_VRS = frozenset({"FL", "FD", "DS"})
 PIXEL_TAGS = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: None}
 
 _REQUIRED = (
@@ -59,26 +61,35 @@ def _tag_hex(tag: BaseTag | int) -> str:
     return f"{int(tag):08X}"
 
 
+def _finite(value: Any) -> Any:
+    # JSON has no NaN/Infinity literals; keep the document valid by writing them as strings.
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
 def dataset_to_json(ds: Dataset, threshold: int, path: str = "") -> tuple[dict[str, Any], list[str]]:
     """The PS3.18 F.2 JSON model of ``ds``; large binary values become BulkDataURI placeholders.
 
-    Returns the model and a list of tags whose values could not be converted (left out).
+    Binary VRs (:data:`BULK_VRS`) longer than ``threshold`` or left unread by ``defer_size`` are
+    bulk data (PS3.18 8.6.1); every other value, even a deferred one (a long sequence or text), is
+    read and converted the way pydicom's ``to_json_dict`` does. Group lengths are left out.
+    Returns the model and the tags whose values could not be converted (left out).
     """
     out: dict[str, Any] = {}
     dropped: list[str] = []
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
-        if raw is None or tag.element == 0:  # group lengths are not part of the JSON model
+        if raw is None or tag.element == 0:
             continue
         key = _tag_hex(tag)
         vr = _vr_of(raw)
-        length = raw.length if isinstance(raw, RawDataElement) else None
-        deferred = isinstance(raw, RawDataElement) and raw.value is None and (raw.length or 0) > 0
-        if deferred or (vr in BULK_VRS and length is not None and length > threshold):
+        if vr in BULK_VRS and isinstance(raw, RawDataElement) and (
+                (raw.value is None and raw.length) or raw.length > threshold):
             out[key] = {"vr": vr, "BulkDataURI": f"{BULK_PLACEHOLDER}/{path}{key}"}
             continue
         try:
-            elem = ds[tag]
+            elem = ds[tag]  # converts the raw value; reads a deferred one from the file
             if elem.VR == "SQ":
                 items = []
                 for i, item in enumerate(elem.value):
@@ -90,32 +101,120 @@ def dataset_to_json(ds: Dataset, threshold: int, path: str = "") -> tuple[dict[s
             if elem.VR in BULK_VRS and elem.value is not None and len(elem.value) > threshold:
                 out[key] = {"vr": elem.VR, "BulkDataURI": f"{BULK_PLACEHOLDER}/{path}{key}"}
                 continue
-            out[key] = elem.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1 << 62)
+            json_elem = elem.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1 << 62)
+            if elem.VR in _FLOAT_VRS and "Value" in json_elem:
+                json_elem["Value"] = [_finite(v) for v in json_elem["Value"]]
+            out[key] = json_elem
         except Exception:  # an unconvertible value: leave it out of the index, keep the bytes as stored
-            dropped.append(key)
+            dropped.append(f"{path}{key}")
     return out, dropped
 
 
+_TRUNCATED = "truncated DICOM file: a value runs past the end of the data (PS3.5 7.1)"
+_LONG_EXPLICIT_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def _check_fragments(fh: BinaryIO, pos: int, file_size: int) -> None:
+    """Walk the encapsulated pixel data items (PS3.5 A.4) up to the Sequence Delimitation Item."""
+    while True:  # every step moves at least 8 bytes forward, so this ends by the file size
+        fh.seek(pos)
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UnreadableInstanceError(_TRUNCATED)
+        group, element, length = struct.unpack("<HHL", head)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise UnreadableInstanceError("malformed encapsulated pixel data (PS3.5 A.4)")
+        pos += 8 + length
+        if pos > file_size:
+            raise UnreadableInstanceError(_TRUNCATED)
+
+
+def _encoding(ds: Dataset, ts: UID) -> tuple[bool, bool]:
+    """(implicit VR, little endian) as actually read: pydicom corrects a wrong Transfer Syntax UID."""
+    for tag in reversed(list(ds.keys())):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement):
+            return bool(raw.is_implicit_VR), bool(raw.is_little_endian)
+    return bool(ts.is_implicit_VR), bool(ts.is_little_endian)
+
+
 def _pixel_element(fh: BinaryIO, ds: Dataset, ts: UID, file_size: int) -> tuple[int, int, str] | None:
-    """Locate the top-level pixel data element after ``stop_before_pixels``: (offset, tag, VR)."""
+    """Locate the top-level pixel data element after ``stop_before_pixels``: (offset, tag, VR).
+
+    Also checks that its value is complete: a file cut short inside the pixel data is refused.
+    """
     offset = fh.tell()
-    if offset + 8 > file_size:
+    if offset >= file_size:
         return None
-    head = fh.read(8)
-    fmt = "<HH" if ts.is_little_endian else ">HH"
-    group, element = struct.unpack(fmt, head[:4])
+    head = fh.read(12)
+    if len(head) < 8:
+        raise UnreadableInstanceError(_TRUNCATED)
+    implicit, little = _encoding(ds, ts)
+    endian = "<" if little else ">"
+    group, element = struct.unpack(endian + "HH", head[:4])
     tag = (group << 16) | element
     if tag not in PIXEL_TAGS:
         return None
     vr = PIXEL_TAGS[tag]
-    if vr is None:
-        if not ts.is_implicit_VR:
-            vr = head[4:6].decode("ascii", "replace")
-        elif ts.is_compressed:
-            vr = "OB"
+    if not implicit:
+        explicit_vr = head[4:6].decode("ascii", "replace")
+        vr = vr or explicit_vr
+        if explicit_vr in _LONG_EXPLICIT_VRS:
+            if len(head) < 12:
+                raise UnreadableInstanceError(_TRUNCATED)
+            header, length = 12, struct.unpack(endian + "L", head[8:12])[0]
         else:
-            vr = "OW" if int(ds.get("BitsAllocated", 16) or 16) > 8 else "OB"
+            header, length = 8, struct.unpack(endian + "H", head[6:8])[0]
+    else:
+        header, length = 8, struct.unpack(endian + "L", head[4:8])[0]
+        if vr is None:
+            vr = "OB" if ts.is_compressed else "OW" if int(ds.get("BitsAllocated", 16) or 16) > 8 else "OB"
+    if length == 0xFFFFFFFF:
+        _check_fragments(fh, offset + header, file_size)
+    elif offset + header + length > file_size:
+        raise UnreadableInstanceError(_TRUNCATED)
+    else:
+        _check_tail(fh, offset + header + length, file_size, implicit, endian)
     return offset, tag, vr
+
+
+def _check_tail(fh: BinaryIO, pos: int, file_size: int, implicit: bool, endian: str) -> None:
+    """Walk the elements after a defined-length Pixel Data (e.g. trailing padding): none may be cut short."""
+    while pos < file_size:  # every step moves at least 8 bytes forward
+        fh.seek(pos)
+        head = fh.read(12)
+        if len(head) < 8:
+            raise UnreadableInstanceError(_TRUNCATED)
+        if implicit:
+            header, length = 8, struct.unpack(endian + "L", head[4:8])[0]
+        elif head[4:6].decode("ascii", "replace") in _LONG_EXPLICIT_VRS:
+            if len(head) < 12:
+                raise UnreadableInstanceError(_TRUNCATED)
+            header, length = 12, struct.unpack(endian + "L", head[8:12])[0]
+        else:
+            header, length = 8, struct.unpack(endian + "H", head[6:8])[0]
+        if length == 0xFFFFFFFF:
+            return  # an undefined-length sequence: not walked further
+        pos += header + length
+        if pos > file_size:
+            raise UnreadableInstanceError(_TRUNCATED)
+
+
+def _check_complete(ds: Dataset, file_size: int, stopped_at: int) -> None:
+    """Refuse a data set whose last element runs past the end of the file or is cut inside its header."""
+    last_end = 0
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields converted elements
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value_tell is not None:
+            last_end = max(last_end, raw.value_tell + raw.length)
+        else:
+            last_end = 0  # undefined length sequence: pydicom read it to its delimiter
+    if last_end > file_size:
+        raise UnreadableInstanceError(_TRUNCATED)
+    if last_end and stopped_at >= file_size and 0 < file_size - last_end < 8:
+        raise UnreadableInstanceError(_TRUNCATED)  # a partial element header after the last element
 
 
 def parse_part10(path: Path, threshold: int) -> ParsedInstance:
@@ -133,6 +232,10 @@ def parse_part10(path: Path, threshold: int) -> ParsedInstance:
         if not ts_raw or not is_valid_uid(ts_raw):
             raise UnreadableInstanceError("File Meta Information has no valid Transfer Syntax UID")
         ts = UID(ts_raw)
+        if not ts.is_transfer_syntax:
+            raise UnsupportedMediaTypeError("unknown Transfer Syntax UID in the File Meta Information")
+        if not ts.is_deflated:  # deflated data sets are checked by zlib while inflating
+            _check_complete(ds, file_size, fh.tell())
         uids: dict[int, str] = {}
         try:
             for tag, name in _REQUIRED:
@@ -145,15 +248,20 @@ def parse_part10(path: Path, threshold: int) -> ParsedInstance:
                 uids[tag] = text
         except DatasetMismatchError as exc:
             exc.sop_instance_uid = uids.get(0x00080018)
+            exc.sop_class_uid = uids.get(0x00080016)
             raise
         except Exception as exc:
             raise UnreadableInstanceError("required UIDs could not be read") from exc
-        pixel = _pixel_element(fh, ds, ts, file_size) if ts.is_transfer_syntax else None
+        pixel = None if ts.is_deflated else _pixel_element(fh, ds, ts, file_size)
+        if pixel is None and not ts.is_deflated and all(k in ds for k in (0x00280010, 0x00280011, 0x00280100)):
+            # PS3.3 C.7.6.3: Rows, Columns and Bits Allocated come with Pixel Data (or a file cut before it)
+            raise DatasetMismatchError("Image Pixel module without Pixel Data: truncated?",
+                                       sop_instance_uid=uids[0x00080018], sop_class_uid=uids[0x00080016])
     try:
         metadata, dropped = dataset_to_json(ds, threshold)
     except Exception as exc:
-        raise UnreadableInstanceError("DICOM data set could not be parsed",
-                                      sop_instance_uid=uids[0x00080018]) from exc
+        raise UnreadableInstanceError("DICOM data set could not be parsed", sop_instance_uid=uids[0x00080018],
+                                      sop_class_uid=uids[0x00080016]) from exc
     frames: int | None = None
     pixel_offset: int | None = None
     if pixel is not None:

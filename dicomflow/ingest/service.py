@@ -15,6 +15,7 @@ import os
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from pydicom.datadict import tag_for_keyword
 
@@ -23,6 +24,7 @@ from dicomflow.errors import (
     DicomServiceError,
     OutOfResourcesError,
     PayloadTooLargeError,
+    UnreadableInstanceError,
 )
 from dicomflow.index.base import IndexStore
 from dicomflow.ingest.parse import parse_part10
@@ -52,36 +54,42 @@ def extra_tags_for(tenant: TenantSettings) -> frozenset[str]:
 
 
 class Spool:
-    """A local file that receives one instance's bytes as they stream in, hashing them on the way."""
+    """A local file that receives one instance's bytes as they stream in, hashing them on the way.
+
+    The file is created lazily by the first flush, off the event loop; small instances are written,
+    fsynced and parsed in a single offloaded call (:meth:`IngestService.store`).
+    """
 
     def __init__(self, path: Path, offloader: Offloader, max_size: int) -> None:
         self.path = path
         self._off = offloader
         self._max = max_size
-        self._fh = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in finish()/discard()
+        self._fh: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_len = 0
         self.size = 0
+        #: set once the file has been handed to the blob store (which moves or deletes it)
         self.consumed = False
 
     def _flush_sync(self, chunks: list[bytes]) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish_sync()/discard()
         for chunk in chunks:
             self._hash.update(chunk)
             self._fh.write(chunk)
 
-    async def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
+    def _add(self, size: int) -> None:
+        self.size += size
         if self.size > self._max:
             raise PayloadTooLargeError("instance exceeds the configured size limit")
+
+    async def write(self, chunk: bytes) -> None:
+        self._add(len(chunk))
         self._pending.append(chunk)
         self._pending_len += len(chunk)
         if self._pending_len >= 1 << 20:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        chunks, self._pending, self._pending_len = self._pending, [], 0
-        if chunks:
+            chunks, self._pending, self._pending_len = self._pending, [], 0
             try:
                 await self._off.run(self._flush_sync, chunks)
             except OSError as exc:
@@ -89,27 +97,27 @@ class Spool:
 
     def write_sync(self, data: bytes) -> None:
         """For callers already off the loop (DIMSE threads)."""
-        self.size += len(data)
-        if self.size > self._max:
-            raise PayloadTooLargeError("instance exceeds the configured size limit")
+        self._add(len(data))
         self._flush_sync([data])
 
-    def _finish_sync(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-
-    async def finish(self) -> str:
-        """Flush, fsync and close; return the SHA-256 of the content."""
-        await self._flush()
+    def finish_sync(self) -> str:
+        """Write what is pending, fsync and close; return the SHA-256 of the content (blocking)."""
+        chunks, self._pending, self._pending_len = self._pending, [], 0
         try:
-            await self._off.run(self._finish_sync)
+            self._flush_sync(chunks)
+            assert self._fh is not None
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         except OSError as exc:
             raise OutOfResourcesError("spool disk full or unavailable") from exc
         return self._hash.hexdigest()
 
+    async def finish(self) -> str:
+        """:meth:`finish_sync` through the offloader."""
+        return await self._off.run(self.finish_sync)
+
     def discard(self) -> None:
-        if not self._fh.closed:
+        if self._fh is not None and not self._fh.closed:
             self._fh.close()
         if not self.consumed:
             self.path.unlink(missing_ok=True)
@@ -136,39 +144,49 @@ class IngestService:
         self._extra = {name: extra_tags_for(t) for name, t in settings.tenants.items()}
 
     def spool(self) -> Spool:
-        path = self.spool_dir / f"{uuid.uuid4().hex}.dcm"
-        try:
-            return Spool(path, self._off, self.settings.limits.max_instance_size)
-        except OSError as exc:
-            raise OutOfResourcesError("spool disk full or unavailable") from exc
+        """A new spool file for one instance (created on first write)."""
+        return Spool(self.spool_dir / f"{uuid.uuid4().hex}.dcm", self._off, self.settings.limits.max_instance_size)
+
+    def _finish_and_parse(self, spool: Spool) -> tuple[str, ParsedInstance]:
+        sha256 = spool.finish_sync()
+        if spool.size == 0:
+            raise UnreadableInstanceError("empty part: not a DICOM Part 10 file (PS3.10 7.1)")
+        return sha256, parse_part10(spool.path, self.settings.limits.bulk_data_threshold)
 
     async def store(self, tenant: str, spool: Spool, *, source: Source,
                     expected_study_uid: str | None = None) -> StoreOutcome:
-        """Store one spooled instance; raises a :class:`DicomServiceError` subclass on failure."""
-        sha256 = await spool.finish()
-        parsed = await self._off.run(parse_part10, spool.path, self.settings.limits.bulk_data_threshold)
-        # PS3.18 10.5.1: instances posted to /studies/{study} must belong to that study.
-        if expected_study_uid is not None and parsed.study_instance_uid != expected_study_uid:
-            raise DatasetMismatchError("Study Instance UID does not match the request URL",
-                                       sop_instance_uid=parsed.sop_instance_uid)
-        tenant_settings = self.settings.tenants[tenant]
-        existing = await self.index.find_existing(tenant, parsed.sop_instance_uid)
-        if existing is not None and existing.sha256 == sha256:
-            return self._outcome(tenant, parsed, StoreResult.DUPLICATE)
-        # From here on the store must complete even if the peer goes away: shield it.
-        return await asyncio.shield(self._commit(tenant, tenant_settings, spool, parsed, sha256, source))
+        """Store one spooled instance; raises a :class:`DicomServiceError` subclass on failure.
+
+        Returns only after the blob is durable and the index rows and the ``instance.stored`` outbox
+        event are committed (ARCHITECTURE: acknowledged means durable). On failure nothing is kept.
+        """
+        sha256, parsed = await self._off.run(self._finish_and_parse, spool)
+        try:
+            # PS3.18 10.5.1: instances posted to /studies/{study} must belong to that study.
+            if expected_study_uid is not None and parsed.study_instance_uid != expected_study_uid:
+                raise DatasetMismatchError("Study Instance UID does not match the request URL")
+            tenant_settings = self.settings.tenants[tenant]
+            existing = await self.index.find_existing(tenant, parsed.sop_instance_uid)
+            if existing is not None and existing.sha256 == sha256:
+                return self._outcome(tenant, parsed, StoreResult.DUPLICATE)
+            # From here on the store must complete even if the peer goes away: shield it.
+            return await asyncio.shield(self._commit(tenant, tenant_settings, spool, parsed, sha256, source))
+        except DicomServiceError as exc:
+            exc.sop_instance_uid = exc.sop_instance_uid or parsed.sop_instance_uid
+            exc.sop_class_uid = exc.sop_class_uid or parsed.sop_class_uid
+            raise
 
     async def _commit(self, tenant: str, tenant_settings: TenantSettings, spool: Spool,
                       parsed: ParsedInstance, sha256: str, source: Source) -> StoreOutcome:
         key = new_blob_key(tenant)
-        spool.consumed = True
+        spool.consumed = True  # ours now: a caller that goes away must not unlink it under put_file
         try:
             await self.blobs.put_file(key, spool.path)
-        except DicomServiceError:
-            spool.consumed = False
-            raise
         except Exception as exc:
-            spool.consumed = False
+            await self._delete_blob(key)
+            await self._off.run(spool.path.unlink, True)
+            if isinstance(exc, DicomServiceError):
+                raise
             raise OutOfResourcesError("blob storage unavailable") from exc
         try:
             record = await self.index.store_instance(
