@@ -1,9 +1,168 @@
-"""WADO-RS (PS3.18 10.4)."""
+"""WADO-RS (PS3.18 10.4): instance/series/study retrieve and metadata.
+
+Frames, rendered/thumbnail and bulk data live in :mod:`wado_frames`, :mod:`rendered` and :mod:`bulkdata`;
+this module mounts them all.
+"""
 
 from __future__ import annotations
 
-from dicomflow.dicomweb.common import RouteAdder
+import json
+import logging
+
+from aiohttp import web
+
+from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER
+from dicomflow.dicomweb import bulkdata, rendered, wado_frames
+from dicomflow.dicomweb.common import (
+    DICOM_JSON,
+    RouteAdder,
+    dicomweb_root,
+    instance_url,
+    optional_path_uid,
+    path_uid,
+    tenant_of,
+)
+from dicomflow.dicomweb.media import DICOM, Choice, negotiate_dicom, parse_accept, wants_dicom
+from dicomflow.dicomweb.multipart_writer import (
+    MultipartStream,
+    closing,
+    multipart_content_type,
+    new_boundary,
+    part_header,
+)
+from dicomflow.errors import NotAcceptableError, NotFoundError
+from dicomflow.imaging.transcode import PixelInfo, possible_targets, transcode
+from dicomflow.index.base import InstanceRecord
+from dicomflow.model import BULK_PLACEHOLDER
+
+logger = logging.getLogger(__name__)
+
+_NOT_FOUND = "no such study, series or instance"
+_QUOTED_PLACEHOLDER = f'"{BULK_PLACEHOLDER}/'
+
+
+async def _pixel_infos(request: web.Request, tenant: str, records: list[InstanceRecord]) -> dict[str, PixelInfo]:
+    """Pixel attributes (from the index, never the blobs) of the instances that need transcoding."""
+    first = records[0]
+    series = first.series_uid if all(r.series_uid == first.series_uid for r in records) else None
+    sop = first.sop_uid if len(records) == 1 else None
+    wanted = {r.sop_uid for r in records}
+    rows = await request.app[INDEX].instance_metadata_keyed(tenant, first.study_uid, series, sop)
+    infos: dict[str, PixelInfo] = {}
+    for _series, sop_uid, text in rows:
+        if sop_uid in wanted:
+            info = PixelInfo.from_metadata(json.loads(text))
+            if info is not None:
+                infos[sop_uid] = info
+    return infos
+
+
+async def negotiate_records(request: web.Request, tenant: str,
+                            records: list[InstanceRecord]) -> list[Choice]:
+    """PS3.18 8.7: one acceptable (media type, transfer syntax) per instance, or 406 for the whole request."""
+    accept = parse_accept(request.headers.get("Accept"))
+    if not wants_dicom(accept):
+        raise NotAcceptableError("Accept must allow multipart/related; type=\"application/dicom\" (PS3.18 8.7.4)")
+    choices: list[Choice | None] = [
+        negotiate_dicom(accept, r.transfer_syntax_uid, frozenset({r.transfer_syntax_uid})) for r in records]
+    pending = [r for r, c in zip(records, choices, strict=True) if c is None]
+    if pending:
+        infos = await _pixel_infos(request, tenant, pending)
+        for i, r in enumerate(records):
+            if choices[i] is None:
+                has_pixels = r.pixel_data_offset is not None
+                possible = possible_targets(r.transfer_syntax_uid, infos.get(r.sop_uid), has_pixels=has_pixels)
+                choices[i] = negotiate_dicom(accept, r.transfer_syntax_uid, possible)
+    if any(c is None for c in choices):
+        raise NotAcceptableError("an instance cannot be provided in any accepted transfer syntax")
+    return [c for c in choices if c is not None]
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    """Study, series or instance retrieve (PS3.18 10.4.1.1.1): multipart/related; type="application/dicom".
+
+    Instances whose stored syntax is acceptable go out byte for byte as stored; others are transcoded
+    one at a time off the loop.
+    """
+    tenant = tenant_of(request)
+    study = path_uid(request, "study")
+    series = optional_path_uid(request, "series")
+    sop = optional_path_uid(request, "instance")
+    index, blobs, off = request.app[INDEX], request.app[BLOBS], request.app[OFFLOADER]
+    records = await index.list_instances(tenant, study, series, sop)
+    if not records:
+        raise NotFoundError(_NOT_FOUND)
+    choices = await negotiate_records(request, tenant, records)
+
+    boundary = new_boundary()
+    response = web.StreamResponse(status=200)
+    response.content_type = "multipart/related"  # replaced below; keeps aiohttp from adding a charset
+    response.headers["Content-Type"] = multipart_content_type(DICOM, boundary)
+    exact = all(c.transfer_syntax == r.transfer_syntax_uid for r, c in zip(records, choices, strict=True))
+    if exact:
+        # everything as stored: the length is known, so no chunked coding and the blobs go out with sendfile
+        response.content_length = sum(
+            len(part_header(boundary, c.content_type(), r.size)) + r.size + 2
+            for r, c in zip(records, choices, strict=True)) + len(closing(boundary))
+    await response.prepare(request)
+    out = MultipartStream(request, response, boundary, blobs, off)
+    for record, choice in zip(records, choices, strict=True):
+        if choice.transfer_syntax == record.transfer_syntax_uid:
+            await out.write_blob_part(choice.content_type(), record.blob_key, 0, record.size)
+            continue
+        fh = await off.run(blobs.open_sync, record.blob_key)
+        try:
+            data = await off.run(transcode, fh, choice.transfer_syntax)
+        except NotAcceptableError:
+            # negotiation promised this conversion; after the first byte we can only abort (PS3.18 8.7.1.2)
+            logger.error("WADO tenant=%s sop=%s: transcoding to %s failed mid-response", tenant, record.sop_uid,
+                         choice.transfer_syntax)
+            raise ConnectionResetError("transcoding failed") from None
+        finally:
+            fh.close()
+        await out.write_part(choice.content_type(), data)
+    await out.close()
+    return response
+
+
+def _check_json_accept(request: web.Request) -> None:
+    accept = parse_accept(request.headers.get("Accept"))
+    ok = {"application/dicom+json", "application/json", "*/*", "application/*"}
+    if not any(m.q > 0 and m.type in ok for m in accept):
+        raise NotAcceptableError("metadata is available as application/dicom+json only (PS3.18 10.4.1.1.2)")
+
+
+async def metadata(request: web.Request) -> web.Response:
+    """Study, series or instance metadata (PS3.18 10.4.1.1.2) straight from the index, never the blobs.
+
+    The stored JSON texts are joined, not re-parsed; BulkDataURI placeholders become absolute URLs of
+    the instance's bulk data resource (PS3.18 8.6.1.2) by string replacement.
+    """
+    tenant = tenant_of(request)
+    study = path_uid(request, "study")
+    series = optional_path_uid(request, "series")
+    sop = optional_path_uid(request, "instance")
+    _check_json_accept(request)
+    rows = await request.app[INDEX].instance_metadata_keyed(tenant, study, series, sop)
+    if not rows:
+        raise NotFoundError(_NOT_FOUND)
+    root = dicomweb_root(request)
+    texts = [
+        text.replace(_QUOTED_PLACEHOLDER, f'"{instance_url(root, study, series_uid, sop_uid)}/bulkdata/')
+        if _QUOTED_PLACEHOLDER in text else text
+        for series_uid, sop_uid, text in rows
+    ]
+    body = ("[" + ",".join(texts) + "]").encode("utf-8")
+    return web.Response(body=body, content_type=DICOM_JSON, charset="utf-8")
 
 
 def add_routes(add: RouteAdder) -> None:
-    return None
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    for path in (study, series, instance):
+        add("GET", path, retrieve)
+        add("GET", path + "/metadata", metadata)
+    wado_frames.add_routes(add)
+    rendered.add_routes(add)
+    bulkdata.add_routes(add)
