@@ -14,6 +14,7 @@ from dicomflow.auth.oidc import Authenticator
 from dicomflow.cors import cors_middleware
 from dicomflow.dicomweb.errors import dicom_errors
 from dicomflow.dicomweb.routes import setup_routes
+from dicomflow.dimse.server import dimse_server
 from dicomflow.health import setup_routes as setup_health
 from dicomflow.index.sql import SqlIndexStore
 from dicomflow.ingest.parse import configure_pydicom
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_core)
     app.cleanup_ctx.append(_auth)
+    app.cleanup_ctx.append(dimse_server)  # after _core: stopped before the index and blobs close
     setup_health(app)
     setup_routes(app)
     return app
