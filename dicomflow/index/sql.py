@@ -14,9 +14,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from dicomflow.errors import DatasetMismatchError, DuplicateInstanceError, NotFoundError, OutOfResourcesError
+from dicomflow.index import migrate
 from dicomflow.index import schema as t
 from dicomflow.index.base import InstanceRecord, StoreRecord
 from dicomflow.index.levels import split_levels
+from dicomflow.index.query import Query, SearchResults
+from dicomflow.index.sql_search import SqlSearch
 from dicomflow.model import ParsedInstance, Source, StoreResult
 from dicomflow.settings import DuplicatePolicy
 
@@ -83,6 +86,29 @@ _RECORD_COLUMNS = [
 ]
 
 
+def make_engine(url: str) -> AsyncEngine:
+    """An async engine for ``sqlite:///path`` (WAL, synchronous FULL) or ``postgresql://...`` (asyncpg)."""
+    if url.startswith("sqlite:///"):
+        engine = create_async_engine("sqlite+aiosqlite:///" + url[len("sqlite:///"):],
+                                     pool_size=8, max_overflow=8)
+
+        @sa.event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # the index is the record: durable commits
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    elif url.startswith(("postgresql://", "postgres://")):
+        # pre-ping: connections broken by a PostgreSQL restart are replaced, not handed out
+        engine = create_async_engine("postgresql+asyncpg://" + url.split("://", 1)[1],
+                                     pool_size=10, max_overflow=10, pool_pre_ping=True)
+    else:
+        raise ValueError(f"unsupported index URL {url!r}: use sqlite:///path or postgresql://...")
+    return engine
+
+
 class SqlIndexStore:
     """The index on any SQLAlchemy async engine; dialect-specific only for upserts and pragmas."""
 
@@ -93,38 +119,22 @@ class SqlIndexStore:
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.dialect == "sqlite" else None
 
     @classmethod
-    async def open(cls, url: str) -> SqlIndexStore:
-        """Open (and create, on first use) the index behind ``sqlite:///path`` or ``postgresql://...``."""
-        if url.startswith("sqlite:///"):
-            engine = create_async_engine("sqlite+aiosqlite:///" + url[len("sqlite:///"):],
-                                         pool_size=8, max_overflow=8)
+    async def open(cls, url: str, *, create_schema: bool | None = None) -> SqlIndexStore:
+        """Open the index behind ``sqlite:///path`` or ``postgresql://...``.
 
-            @sa.event.listens_for(engine.sync_engine, "connect")
-            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")  # the index is the record: durable commits
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.close()
-        elif url.startswith(("postgresql://", "postgres://")):
-            engine = create_async_engine("postgresql+asyncpg://" + url.split("://", 1)[1],
-                                         pool_size=10, max_overflow=10)
-        else:
-            raise ValueError(f"unsupported index URL {url!r}: use sqlite:///path or postgresql://...")
+        The schema must be at this code's version (:mod:`dicomflow.index.migrate`; ``dicomflow db
+        upgrade``). An empty database gets the schema when ``create_schema`` is true, which is the
+        default for SQLite (the embedded default starts with nothing) but not for PostgreSQL.
+        """
+        engine = make_engine(url)
         store = cls(engine)
-        await store._init_schema()
+        try:
+            await migrate.prepare(engine, create_if_empty=store.dialect == "sqlite"
+                                  if create_schema is None else create_schema)
+        except BaseException:
+            await engine.dispose()
+            raise
         return store
-
-    async def _init_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(t.metadata.create_all)
-            version = (await conn.execute(sa.select(t.schema_info.c.version))).scalar()
-            if version is None:
-                await conn.execute(t.schema_info.insert().values(version=t.SCHEMA_VERSION))
-            elif version != t.SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"index schema version {version} does not match this server ({t.SCHEMA_VERSION})")
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -369,3 +379,7 @@ class SqlIndexStore:
                     t.instances.c.sop_uid.in_(sop_uids[start:start + 500])))).all()
                 found.update({r.sop_uid: r.sop_class_uid for r in rows})
         return found
+
+    def search(self, tenant: str, query: Query) -> SearchResults:
+        """QIDO-RS / C-FIND matches, streamed (:mod:`dicomflow.index.query`, :mod:`.sql_search`)."""
+        return SqlSearch(self.engine).search(tenant, query)
