@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,3 +116,190 @@ def multipart(parts: list[bytes], boundary: str = "dicomflow-test-boundary",
         out.write(b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+# -- more modalities, transfer syntaxes and character sets (issue 2, item 9) --------------------------
+
+MG_IMAGE = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image - For Presentation
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
+VL_WHOLE_SLIDE = "1.2.840.10008.5.1.4.1.1.77.1.6"
+OPHTHALMIC_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+
+
+def make_us_multiframe(frames: int = 4, **kwargs: Any) -> Dataset:
+    """US Multi-frame Image, RGB 8-bit."""
+    kwargs.setdefault("modality", "US")
+    return make_dataset(sop_class=US_MULTIFRAME, frames=frames, bits=8, samples=3, rows=24, columns=32,
+                        FrameTime=33.3, FrameIncrementPointer=0x00181063, **kwargs)
+
+
+def make_mg(**kwargs: Any) -> Dataset:
+    kwargs.setdefault("modality", "MG")
+    return make_dataset(sop_class=MG_IMAGE, ImageLaterality="L", ViewPosition="CC",
+                        PresentationIntentType="FOR PRESENTATION", **kwargs)
+
+
+def make_rt_dose(frames: int = 3, **kwargs: Any) -> Dataset:
+    """RT Dose with a multi-frame dose grid (FrameIncrementPointer is an AT value)."""
+    kwargs.setdefault("modality", "RTDOSE")
+    return make_dataset(sop_class=RT_DOSE, frames=frames, bits=16, DoseUnits="GY", DoseType="PHYSICAL",
+                        DoseSummationType="PLAN", DoseGridScaling=0.001,
+                        GridFrameOffsetVector=[float(i) * 2.5 for i in range(frames)],
+                        FrameIncrementPointer=0x3004000C, **kwargs)
+
+
+def make_whole_slide(frames: int = 4, **kwargs: Any) -> Dataset:
+    """VL Whole Slide Microscopy Image, TILED_FULL, RGB 8-bit tiles."""
+    kwargs.setdefault("modality", "SM")
+    ds = make_dataset(sop_class=VL_WHOLE_SLIDE, frames=frames, bits=8, samples=3, rows=16, columns=16,
+                      ImageType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+                      DimensionOrganizationType="TILED_FULL", TotalPixelMatrixColumns=32,
+                      TotalPixelMatrixRows=32, TotalPixelMatrixFocalPlanes=1, ContainerIdentifier="SLIDE-1",
+                      **kwargs)
+    return ds
+
+
+def make_ophthalmic(**kwargs: Any) -> Dataset:
+    """Ophthalmic Photography 8 Bit Image, RGB."""
+    kwargs.setdefault("modality", "OP")
+    return make_dataset(sop_class=OPHTHALMIC_8BIT, bits=8, samples=3, rows=24, columns=24,
+                        ImageLaterality="R", **kwargs)
+
+
+def make_sr(**kwargs: Any) -> Dataset:
+    """A Comprehensive SR document made with highdicom (nested content sequences, code items)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    evidence = make_dataset(study_uid=kwargs.pop("study_uid", None))
+    item = hd.sr.TextContentItem(name=codes.DCM.Finding, value="No abnormality",
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport, template_id="1500")
+    root.ContentSequence = [item]
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[evidence], content=root, series_instance_uid=kwargs.pop("series_uid", None) or generate_uid(),
+        series_number=kwargs.pop("series_number", 10), sop_instance_uid=kwargs.pop("sop_uid", None) or generate_uid(),
+        instance_number=kwargs.pop("instance_number", 1), manufacturer="dicomflow tests", **kwargs)
+    return sr
+
+
+def make_seg(source: Dataset | None = None, **kwargs: Any) -> Dataset:
+    """A binary Segmentation of ``source`` (a CT made here by default), made with highdicom."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    src = source or make_dataset(ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, 0],
+                                 PixelSpacing=[1, 1], SliceThickness=1, FrameOfReferenceUID=generate_uid())
+    mask = np.zeros((1, src.Rows, src.Columns), dtype=bool)
+    mask[0, 2:8, 2:8] = True
+    desc = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    return hd.seg.Segmentation(
+        source_images=[src], pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc], series_instance_uid=kwargs.pop("series_uid", None) or generate_uid(),
+        series_number=kwargs.pop("series_number", 20), sop_instance_uid=kwargs.pop("sop_uid", None) or generate_uid(),
+        instance_number=kwargs.pop("instance_number", 1), manufacturer="dicomflow tests",
+        manufacturer_model_name="factory", software_versions="1", device_serial_number="1", **kwargs)
+
+
+def with_transfer_syntax(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """``ds`` re-encoded in ``transfer_syntax`` (native, big endian, deflate, RLE, JPEG baseline, JPEG 2000)."""
+    from pydicom import uid
+
+    ds = copy.deepcopy(ds)
+    ts = uid.UID(transfer_syntax)
+    if ts in (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = ts
+    elif ts == uid.ExplicitVRBigEndian:
+        if int(ds.BitsAllocated) > 8:  # pydicom writes pixel data as given: swap the 16-bit words
+            ds.PixelData = np.frombuffer(ds.PixelData, dtype="<u2").astype(">u2").tobytes()
+        ds.file_meta.TransferSyntaxUID = ts
+    elif ts == uid.JPEGBaseline8Bit:
+        ds = _jpeg_baseline(ds)
+    elif ts == uid.JPEG2000:
+        ds.compress(ts, j2k_cr=[10])  # lossy JPEG 2000 needs a compression ratio
+    else:  # RLE Lossless, JPEG 2000 Lossless (at least 64x64 pixels): pydicom's own encoders
+        ds.compress(ts)
+    return ds
+
+
+def _jpeg_baseline(ds: Dataset) -> Dataset:
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if int(ds.BitsAllocated) != 8:
+        raise ValueError("JPEG baseline needs 8-bit samples")
+    arr = ds.pixel_array
+    frames = arr if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else arr[None]
+    encoded = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    if int(ds.SamplesPerPixel) == 3:
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.LossyImageCompression = "01"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+#: Patient names in the three character sets the issue names (PS3.5 Annex H/I examples).
+NON_ASCII_NAMES: dict[str, tuple[str | list[str], str]] = {
+    "latin1": ("ISO_IR 100", "Buc^Jérôme"),
+    "utf8": ("ISO_IR 192", "Wang^XiaoDong=王^小東="),
+    "jis": (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+}
+
+
+def make_named(which: str, **kwargs: Any) -> Dataset:
+    """A CT whose Patient Name needs the character set ``which`` (a key of :data:`NON_ASCII_NAMES`)."""
+    charset, name = NON_ASCII_NAMES[which]
+    ds = make_dataset(patient_name=name, **kwargs)
+    ds.SpecificCharacterSet = charset
+    return ds
+
+
+@dataclass
+class StoreState:
+    """What the embedded store holds on disk, read directly (SQLite file and blob folder)."""
+
+    instances: list[tuple[str, str, str, str, str]]  # tenant, study, series, sop, blob_key
+    series: dict[tuple[str, str], tuple[str, int]]  # (tenant, series) -> (study, num_instances)
+    studies: dict[tuple[str, str], tuple[int, int, str | None]]  # -> (num_series, num_instances, modalities)
+    outbox: list[tuple[str, str, str | None]]  # tenant, event, sop_uid
+    blobs: list[str]  # keys (paths under the blob root, spool excluded)
+    spool: list[str]
+
+    def events(self, event: str) -> list[tuple[str, str, str | None]]:
+        return [e for e in self.outbox if e[1] == event]
+
+
+def store_state(settings: Any) -> StoreState:
+    """Read the SQLite index and blob folder of a server built from ``settings`` (embedded default)."""
+    import sqlite3
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    db = settings.index_url.removeprefix("sqlite:///")
+    root = Path(urlparse(settings.storage_url).path)
+    con = sqlite3.connect(db)
+    try:
+        instances = [tuple(r) for r in con.execute(
+            "select tenant, study_uid, series_uid, sop_uid, blob_key from instances order by sop_uid")]
+        series = {(r[0], r[1]): (r[2], r[3]) for r in con.execute(
+            "select tenant, series_uid, study_uid, num_instances from series")}
+        studies = {(r[0], r[1]): (r[2], r[3], r[4]) for r in con.execute(
+            "select tenant, study_uid, num_series, num_instances, modalities_in_study from studies")}
+        outbox = [tuple(r) for r in con.execute("select tenant, event, sop_uid from outbox order by id")]
+    finally:
+        con.close()
+    spool_dir = root / ".spool"
+    blobs = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and spool_dir not in p.parents)
+    spool = sorted(p.name for p in spool_dir.glob("*")) if spool_dir.is_dir() else []
+    return StoreState(instances, series, studies, outbox, blobs, spool)  # type: ignore[arg-type]
