@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from dicomflow.app import create_app
+from dicomflow.audit import cli as audit_cli
 from dicomflow.settings import load_settings
 
 
@@ -78,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 #: ``register(subparsers)`` functions of command groups living in their own modules
-_SUBCOMMANDS: list[Callable[[Any], None]] = []
+_SUBCOMMANDS: list[Callable[[Any], None]] = [audit_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,9 @@ import aiohttp
 from aiohttp import web
 
 from dicomflow.appkeys import BLOBS, INDEX, INGEST, OFFLOADER, SETTINGS
+from dicomflow.audit.http import AUDIT, audit_middleware
+from dicomflow.audit.http import setup_routes as setup_audit_routes
+from dicomflow.audit.trail import AuditTrail
 from dicomflow.auth.middleware import AUTHENTICATOR, auth_middleware
 from dicomflow.auth.oidc import Authenticator
 from dicomflow.cors import cors_middleware
@@ -60,18 +63,33 @@ async def _auth(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    index = app[INDEX]
+    assert isinstance(index, SqlIndexStore)
+    trail = AuditTrail(app[SETTINGS].audit, index.engine, index.transaction)
+    app[AUDIT] = trail
+    await trail.start()
+    try:
+        yield
+    finally:
+        await trail.stop()
+
+
 def create_app(settings: Settings) -> web.Application:
     """The whole server's HTTP application; DIMSE and workers hang off its cleanup context."""
     app = web.Application(
-        middlewares=[cors_middleware(settings.http.cors_origins), auth_middleware(settings), dicom_errors],
+        middlewares=[cors_middleware(settings.http.cors_origins), audit_middleware(), auth_middleware(settings),
+                     dicom_errors],
         client_max_size=1024**2,
         handler_args={"max_field_size": settings.http.max_field_size,
                       "max_line_size": settings.http.max_line_size},
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_core)
+    app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(dimse_server)  # after _core: stopped before the index and blobs close
     setup_health(app)
+    setup_audit_routes(app)
     setup_routes(app)
     return app

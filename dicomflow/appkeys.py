@@ -15,3 +15,6 @@ INDEX = web.AppKey("index", IndexStore)
 BLOBS = web.AppKey("blobs", BlobStore)
 INGEST = web.AppKey("ingest", IngestService)
 OFFLOADER = web.AppKey("offloader", Offloader)
+
+#: Request key: study UIDs a handler touched that are not in its URL (e.g. STOW to /studies), for audit.
+AUDIT_STUDIES: web.RequestKey[list[str]] = web.RequestKey("audit_studies")

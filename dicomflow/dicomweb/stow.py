@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, ClientConnectionError, web
 
-from dicomflow.appkeys import INGEST
+from dicomflow.appkeys import AUDIT_STUDIES, INGEST
 from dicomflow.dicomweb.common import (
     DICOM_JSON,
     RouteAdder,
@@ -182,6 +182,7 @@ async def stow(request: web.Request) -> web.Response:
         raise InvalidRequestError("multipart body contains no parts")
 
     body = response_body(root, stored, failed)
+    request[AUDIT_STUDIES] = sorted({o.key.study_instance_uid for o in stored})
     warned = sum(1 for o in stored if o.warning is not None)
     status = stow_status(len(stored), warned, len(failed))
     headers: dict[str, str] = {}
