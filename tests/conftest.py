@@ -17,6 +17,9 @@ from aiohttp.test_utils import TestClient
 from dicomflow.app import create_app
 from dicomflow.settings import Settings, TenantSettings
 
+#: PostgreSQL and SeaweedFS S3 started on demand (pg_url, s3_bucket, ...): see tests/harness/fixtures.py
+pytest_plugins = ["tests.harness.fixtures"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
