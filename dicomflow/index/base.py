@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from dicomflow.index.query import Query, SearchResults
 from dicomflow.model import ParsedInstance, Source, StoreResult
 from dicomflow.settings import DuplicatePolicy
 
@@ -83,6 +84,15 @@ class IndexStore(Protocol):
 
     async def stored_sop_instances(self, tenant: str, sop_uids: list[str]) -> dict[str, str]:
         """SOP Instance UID -> SOP Class UID for those of ``sop_uids`` that are stored."""
+        ...
+
+    def search(self, tenant: str, query: Query) -> SearchResults:
+        """Entities of ``tenant`` matching ``query`` (QIDO-RS and C-FIND), streamed as PS3.18 JSON dicts.
+
+        Returns at once; the database is read while the results are iterated, in a stable order,
+        ``query.offset`` skipped and at most ``query.limit`` yielded (``SearchResults.truncated`` tells
+        whether more matched). See :mod:`dicomflow.index.query` for the matching rules.
+        """
         ...
 
     async def close(self) -> None: ...
