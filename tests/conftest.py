@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def _run_server(settings: Settings, port: int, ready: threading.Event, stop: thr
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         ready.set()
-        while not stop.is_set():
+        while not stop.is_set():  # noqa: ASYNC110 - a threading.Event set from the test thread
             await asyncio.sleep(0.05)
         await runner.cleanup()
 
@@ -107,3 +108,42 @@ def live_server_factory(tmp_path: Path) -> Iterator[Any]:
 def live_server(live_server_factory: Any) -> LiveServer:
     server: LiveServer = live_server_factory()
     return server
+
+
+class _InfoLogCollector(logging.Handler):
+    """Keeps every log record at INFO or above emitted during the run (server threads included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            text += " " + str(record.exc_info[1])
+        self.lines.append(f"{record.name}: {text}")
+
+
+_COLLECTOR = _InfoLogCollector()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = logging.getLogger()
+    root.addHandler(_COLLECTOR)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No patient data in logs at INFO or above: grep every such record of the run for test PHI."""
+    from tests.factory import PHI_SEEN
+
+    leaks = sorted({(phi, line) for line in _COLLECTOR.lines for phi in PHI_SEEN if phi in line})
+    if leaks:
+        report = "\n".join(f"  {phi!r} in: {line[:300]}" for phi, line in leaks[:20])
+        session.config.get_terminal_writer().line(
+            f"\nPHI found in {len(leaks)} log record(s) at INFO or above:\n{report}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,6 +12,10 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+#: Every test patient name component and ID generated in this run: the log check in tests/conftest.py
+#: fails the run if any of them appears in a log record at INFO or above (no PHI in logs).
+PHI_SEEN: set[str] = set()
+
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -58,6 +62,7 @@ def make_dataset(
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.PatientName = patient_name
     ds.PatientID = patient_id
+    PHI_SEEN.update((patient_id, *[c for c in patient_name.replace("=", "^").split("^") if len(c) >= 4]))
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyDate = study_date
