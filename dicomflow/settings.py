@@ -159,6 +159,16 @@ class AuthSettings(_Model):
     #: Minimum seconds between two JWKS refreshes triggered by an unknown key id
     jwks_refresh_interval: float = 10.0
 
+    @field_validator("role_permissions")
+    @classmethod
+    def _known_permissions(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        known = {"read", "search", "write", "delete", "merge", "import", "export", "admin"}
+        for role, perms in value.items():
+            unknown = sorted(set(perms) - known)
+            if unknown:
+                raise ValueError(f"role {role!r} names unknown permissions {unknown}; known: {sorted(known)}")
+        return value
+
     @property
     def enabled(self) -> bool:
         return bool(self.issuers)
@@ -260,7 +270,7 @@ class RoutingSettings(_Model):
     stable_after: float = Field(default=90.0, ge=0)
     #: attempts before a delivery becomes a dead letter
     max_attempts: int = Field(default=12, ge=1)
-    #: exponential back-off: initial and maximum delay in seconds (full jitter)
+    #: exponential back-off: initial and maximum delay in seconds (jittered)
     backoff_initial: float = Field(default=2.0, gt=0)
     backoff_max: float = Field(default=900.0, gt=0)
     #: seconds a worker owns a claimed delivery; after a crash another worker takes it over
