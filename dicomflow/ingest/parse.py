@@ -45,7 +45,7 @@ def configure_pydicom() -> None:
 
 def _vr_of(elem: RawDataElement | DataElement) -> str:
     vr = elem.VR
-    if vr is None:
+    if vr is None or vr == "UN":  # implicit VR, or UN that pydicom replaces with the known VR
         try:
             vr = dictionary_VR(elem.tag)
         except KeyError:
@@ -110,6 +110,8 @@ def dataset_to_json(ds: Dataset, threshold: int, path: str = "") -> tuple[dict[s
     return out, dropped
 
 
+#: Samples per Pixel, Photometric Interpretation, Rows, Columns, Bits Allocated (PS3.3 C.7.6.3)
+_IMAGE_PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280010, 0x00280011, 0x00280100)
 _TRUNCATED = "truncated DICOM file: a value runs past the end of the data (PS3.5 7.1)"
 _LONG_EXPLICIT_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 
@@ -253,8 +255,8 @@ def parse_part10(path: Path, threshold: int) -> ParsedInstance:
         except Exception as exc:
             raise UnreadableInstanceError("required UIDs could not be read") from exc
         pixel = None if ts.is_deflated else _pixel_element(fh, ds, ts, file_size)
-        if pixel is None and not ts.is_deflated and all(k in ds for k in (0x00280010, 0x00280011, 0x00280100)):
-            # PS3.3 C.7.6.3: Rows, Columns and Bits Allocated come with Pixel Data (or a file cut before it)
+        if pixel is None and not ts.is_deflated and any(k in ds for k in _IMAGE_PIXEL_TAGS):
+            # PS3.3 C.7.6.3: the Image Pixel module comes with Pixel Data (else the file was cut before it)
             raise DatasetMismatchError("Image Pixel module without Pixel Data: truncated?",
                                        sop_instance_uid=uids[0x00080018], sop_class_uid=uids[0x00080016])
     try:
