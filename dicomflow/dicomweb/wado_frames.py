@@ -1,9 +1,174 @@
-"""WADO-RS (PS3.18 10.4): placeholder."""
+"""WADO-RS frames (PS3.18 10.4.1.1.4): ``.../instances/{instance}/frames/{frames}``.
+
+As stored, a frame is sent straight from the blob (native: one byte range; encapsulated: its fragments),
+located with the pixel data offset kept in the index, so other frames are never read. Otherwise the
+requested frames are decoded (and re-encoded) one instance at a time off the loop.
+"""
 
 from __future__ import annotations
 
-from dicomflow.dicomweb.common import RouteAdder
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from aiohttp import web
+
+from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER
+from dicomflow.dicomweb.common import RouteAdder, path_uid, tenant_of
+from dicomflow.dicomweb.media import (
+    NATIVE_LE,
+    OCTET_STREAM,
+    Choice,
+    negotiate_pixels,
+    parse_accept,
+)
+from dicomflow.dicomweb.multipart_writer import (
+    MultipartStream,
+    closing,
+    multipart_content_type,
+    new_boundary,
+    part_header,
+)
+from dicomflow.errors import InvalidRequestError, NotAcceptableError, NotFoundError
+from dicomflow.imaging.frames import (
+    FramePlan,
+    PixelLayout,
+    decoded_frames,
+    encode_frame,
+    plan_frames,
+    read_frames_stored,
+)
+from dicomflow.imaging.transcode import PixelInfo, possible_targets
+from dicomflow.index.base import InstanceRecord
+
+_FRAME_LIST = re.compile(r"^[0-9]+(,[0-9]+)*$")
+MAX_FRAMES_PER_REQUEST = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    """One instance addressed by a WADO-RS URL: its index record and stored metadata (never the blob)."""
+
+    tenant: str
+    record: InstanceRecord
+    metadata: dict[str, Any]
+
+    @property
+    def layout(self) -> PixelLayout:
+        return PixelLayout.from_metadata(self.metadata)
+
+    @property
+    def number_of_frames(self) -> int:
+        return self.record.number_of_frames or self.layout.number_of_frames
+
+
+async def load_instance(request: web.Request) -> StoredInstance:
+    """The instance in the URL (400 for malformed UIDs, 404 when unknown in this tenant)."""
+    tenant = tenant_of(request)
+    study = path_uid(request, "study")
+    series = path_uid(request, "series")
+    sop = path_uid(request, "instance")
+    index = request.app[INDEX]
+    records = await index.list_instances(tenant, study, series, sop)
+    if not records:
+        raise NotFoundError("no such instance")
+    rows = await index.instance_metadata_keyed(tenant, study, series, sop)
+    if not rows:
+        raise NotFoundError("no such instance")
+    return StoredInstance(tenant, records[0], json.loads(rows[0][2]))
+
+
+def parse_frame_list(text: str, available: int) -> list[int]:
+    """PS3.18 8.3.? frame list: comma-separated 1-based frame numbers. Malformed: 400; beyond the last: 404."""
+    text = text.strip().replace("%2C", ",").replace("%2c", ",")
+    if not _FRAME_LIST.match(text):
+        raise InvalidRequestError("frame list must be comma-separated positive integers (PS3.18 10.4.1.1.4)")
+    numbers = [int(n) for n in text.split(",")]
+    if len(numbers) > MAX_FRAMES_PER_REQUEST:
+        raise InvalidRequestError(f"at most {MAX_FRAMES_PER_REQUEST} frames per request")
+    if any(n < 1 for n in numbers):
+        raise InvalidRequestError("frame numbers start at 1")
+    if any(n > available for n in numbers):
+        raise NotFoundError(f"the instance has {available} frame(s)")
+    return numbers
+
+
+def negotiate_frames(request: web.Request, inst: StoredInstance) -> Choice:
+    stored = inst.record.transfer_syntax_uid
+    possible = possible_targets(stored, PixelInfo.from_metadata(inst.metadata))
+    choice = negotiate_pixels(parse_accept(request.headers.get("Accept")), stored, possible)
+    if choice is None:
+        raise NotAcceptableError("no acceptable media type for these frames (PS3.18 8.7.3.3, Table 8.7.3-4)")
+    return choice
+
+
+def as_stored(choice: Choice, stored_ts: str) -> bool:
+    return choice.transfer_syntax == stored_ts or (choice.media_type == OCTET_STREAM and stored_ts in NATIVE_LE)
+
+
+def _plan(fh: BinaryIO, inst: StoredInstance, numbers: list[int]) -> FramePlan | None:
+    try:
+        return plan_frames(fh, pixel_data_offset=inst.record.pixel_data_offset or 0,
+                           transfer_syntax=inst.record.transfer_syntax_uid, layout=inst.layout, numbers=numbers,
+                           file_size=inst.record.size)
+    finally:
+        fh.close()
+
+
+def _frames_bytes(fh: BinaryIO, inst: StoredInstance, numbers: list[int], choice: Choice) -> list[bytes]:
+    """The requested frames as bytes in the chosen encoding (blocking)."""
+    try:
+        if as_stored(choice, inst.record.transfer_syntax_uid):
+            return read_frames_stored(fh, pixel_data_offset=inst.record.pixel_data_offset or 0,
+                                      transfer_syntax=inst.record.transfer_syntax_uid, layout=inst.layout,
+                                      numbers=numbers)
+        return [encode_frame(native, ds, choice.transfer_syntax) for native, ds in decoded_frames(fh, numbers)]
+    finally:
+        fh.close()
+
+
+async def send_frames(request: web.Request, inst: StoredInstance, numbers: list[int],
+                      choice: Choice) -> web.StreamResponse:
+    """Stream ``numbers`` as one part each (PS3.18 8.7.3.3.2); status and headers are fixed before the body."""
+    blobs, off = request.app[BLOBS], request.app[OFFLOADER]
+    key = inst.record.blob_key
+    boundary = new_boundary()
+    part_type = choice.content_type()
+    response = web.StreamResponse(status=200)
+    response.headers["Content-Type"] = multipart_content_type(choice.media_type, boundary)
+    plan: FramePlan | None = None
+    if as_stored(choice, inst.record.transfer_syntax_uid):
+        plan = await off.run(_plan, await off.run(blobs.open_sync, key), inst, numbers)
+    if plan is not None:
+        sizes = [sum(n for _o, n in ranges) for ranges in plan.ranges]
+        response.content_length = sum(len(part_header(boundary, part_type, n)) + n + 2 for n in sizes) + len(
+            closing(boundary))
+        await response.prepare(request)
+        out = MultipartStream(request, response, boundary, blobs, off)
+        for ranges in plan.ranges:
+            await out.write_ranges_part(part_type, key, ranges)
+        await out.close()
+        return response
+    frames = await off.run(_frames_bytes, await off.run(blobs.open_sync, key), inst, numbers, choice)
+    response.content_length = sum(len(part_header(boundary, part_type, len(f))) + len(f) + 2 for f in frames) + len(
+        closing(boundary))
+    await response.prepare(request)
+    out = MultipartStream(request, response, boundary, blobs, off)
+    for frame in frames:
+        await out.write_part(part_type, frame)
+    await out.close()
+    return response
+
+
+async def frames(request: web.Request) -> web.StreamResponse:
+    inst = await load_instance(request)
+    if inst.record.pixel_data_offset is None or "7FE00010" not in inst.metadata:
+        raise NotFoundError("the instance has no frames (no Pixel Data)")
+    numbers = parse_frame_list(request.match_info["frames"], inst.number_of_frames)
+    choice = negotiate_frames(request, inst)
+    return await send_frames(request, inst, numbers, choice)
 
 
 def add_routes(add: RouteAdder) -> None:
-    return None
+    add("GET", "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", frames)
