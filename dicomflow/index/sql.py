@@ -13,14 +13,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from dicomflow.errors import DatasetMismatchError, DuplicateInstanceError, NotFoundError, OutOfResourcesError
+from dicomflow.errors import NotFoundError, OutOfResourcesError
 from dicomflow.index import migrate
 from dicomflow.index import schema as t
 from dicomflow.index.base import InstanceRecord, StoreRecord
-from dicomflow.index.levels import split_levels
 from dicomflow.index.query import Query, SearchResults
 from dicomflow.index.sql_search import SqlSearch
-from dicomflow.model import ParsedInstance, Source, StoreResult
+from dicomflow.index.store_tx import SqliteGroupWriter, StoreJob
+from dicomflow.model import ParsedInstance, Source
 from dicomflow.settings import DuplicatePolicy
 
 
@@ -117,6 +117,10 @@ class SqlIndexStore:
         self.dialect = engine.dialect.name
         # SQLite allows one writer: serialize writes in-process instead of spinning on SQLITE_BUSY.
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.dialect == "sqlite" else None
+        database = engine.url.database
+        # SQLite: instances are committed in groups by one writer thread (store_tx.SqliteGroupWriter)
+        self._writer = (SqliteGroupWriter(database, self._write_lock)
+                        if self._write_lock is not None and database and database != ":memory:" else None)
 
     @classmethod
     async def open(cls, url: str, *, create_schema: bool | None = None) -> SqlIndexStore:
@@ -137,6 +141,8 @@ class SqlIndexStore:
         return store
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
         await self.engine.dispose()
 
     @asynccontextmanager
@@ -167,103 +173,12 @@ class SqlIndexStore:
         self, tenant: str, parsed: ParsedInstance, *, blob_key: str, size: int, sha256: str,
         source: Source, policy: DuplicatePolicy, extra_tags: frozenset[str] = frozenset(),
     ) -> StoreRecord:
-        md = parsed.metadata
-        study_attrs, series_attrs = split_levels(md)
-        now = time.time()
+        # one synchronous unit with statements built once (see store_tx for why and the measured gain)
+        job = StoreJob(self.dialect, tenant, parsed, blob_key, size, sha256, source, policy, extra_tags)
+        if self._writer is not None:
+            return await self._writer.run(job)
         async with self._write() as conn:
-            existing = (await conn.execute(
-                sa.select(t.instances.c.sha256, t.instances.c.blob_key, t.instances.c.series_uid,
-                          t.instances.c.study_uid)
-                .where(t.instances.c.tenant == tenant, t.instances.c.sop_uid == parsed.sop_instance_uid)
-            )).first()
-            result = StoreResult.STORED
-            obsolete: str | None = None
-            if existing is not None:
-                if existing.sha256 == sha256:
-                    return StoreRecord(StoreResult.DUPLICATE, blob_key)
-                if policy is not DuplicatePolicy.OVERWRITE:
-                    raise DuplicateInstanceError(
-                        "SOP Instance UID already stored with different content",
-                        sop_instance_uid=parsed.sop_instance_uid)
-                result, obsolete = StoreResult.REPLACED, existing.blob_key
-                await self._delete_instances(conn, tenant, [parsed.sop_instance_uid])
-                await self._decrement_series(conn, tenant, existing.series_uid, 1)
-                if existing.study_uid != parsed.study_instance_uid:
-                    await self._refresh_study(conn, tenant, existing.study_uid, now)
-
-            owner = (await conn.execute(
-                sa.select(t.series.c.study_uid)
-                .where(t.series.c.tenant == tenant, t.series.c.series_uid == parsed.series_instance_uid)
-            )).scalar()
-            if owner is not None and owner != parsed.study_instance_uid:
-                raise DatasetMismatchError("Series Instance UID already belongs to another study",
-                                           sop_instance_uid=parsed.sop_instance_uid)
-
-            await conn.execute(t.instances.insert().values(
-                tenant=tenant, sop_uid=parsed.sop_instance_uid, study_uid=parsed.study_instance_uid,
-                series_uid=parsed.series_instance_uid, sop_class_uid=parsed.sop_class_uid,
-                instance_number=int_value(md, "00200013"), transfer_syntax_uid=parsed.transfer_syntax_uid,
-                number_of_frames=parsed.number_of_frames, pixel_data_offset=parsed.pixel_data_offset,
-                blob_key=blob_key, size=size, sha256=sha256, metadata_json=_dumps(md), created_at=now,
-            ))
-            if extra_tags:
-                rows = [{"tenant": tenant, "sop_uid": parsed.sop_instance_uid, "tag": tag,
-                         "value": string_value(md, tag)} for tag in sorted(extra_tags) if tag in md]
-                if rows:
-                    await conn.execute(t.extra_attributes.insert(), rows)
-
-            series_values = {
-                "study_uid": parsed.study_instance_uid,
-                "modality": string_value(md, "00080060"),
-                "series_number": int_value(md, "00200011"),
-                "series_description": string_value(md, "0008103E"),
-                "series_date": string_value(md, "00080021"),
-                "series_time": string_value(md, "00080031"),
-                "performed_procedure_step_start_date": string_value(md, "00400244"),
-                "performed_procedure_step_start_time": string_value(md, "00400245"),
-                "body_part_examined": string_value(md, "00180015"),
-                "attrs_json": _dumps(series_attrs),
-                "updated_at": now,
-            }
-            ins = self._insert(t.series).values(tenant=tenant, series_uid=parsed.series_instance_uid,
-                                                num_instances=1, **series_values)
-            await conn.execute(ins.on_conflict_do_update(
-                index_elements=[t.series.c.tenant, t.series.c.series_uid],
-                set_={**series_values, "num_instances": t.series.c.num_instances + 1},
-            ))
-
-            patient_name = string_value(md, "00100010")
-            referring = string_value(md, "00080090")
-            study_values = {
-                "patient_id": string_value(md, "00100020"),
-                "issuer_of_patient_id": string_value(md, "00100021"),
-                "patient_name": patient_name,
-                "patient_name_ci": _upper(patient_name),
-                "patient_birth_date": string_value(md, "00100030"),
-                "patient_sex": string_value(md, "00100040"),
-                "study_date": string_value(md, "00080020"),
-                "study_time": string_value(md, "00080030"),
-                "accession_number": string_value(md, "00080050"),
-                "study_id": string_value(md, "00200010"),
-                "study_description": string_value(md, "00081030"),
-                "referring_physician_name": referring,
-                "referring_physician_name_ci": _upper(referring),
-                "attrs_json": _dumps(study_attrs),
-                "updated_at": now,
-            }
-            ins = self._insert(t.studies).values(tenant=tenant, study_uid=parsed.study_instance_uid,
-                                                 **study_values)
-            await conn.execute(ins.on_conflict_do_update(
-                index_elements=[t.studies.c.tenant, t.studies.c.study_uid], set_=study_values))
-            await self._refresh_study(conn, tenant, parsed.study_instance_uid, now)
-
-            await self._emit(conn, tenant, "instance.stored", source, now,
-                             study_uid=parsed.study_instance_uid, series_uid=parsed.series_instance_uid,
-                             sop_uid=parsed.sop_instance_uid,
-                             extra={"sop_class_uid": parsed.sop_class_uid,
-                                    "transfer_syntax_uid": parsed.transfer_syntax_uid,
-                                    "replaced": result is StoreResult.REPLACED})
-        return StoreRecord(result, obsolete)
+            return await conn.run_sync(job)
 
     async def _emit(self, conn: AsyncConnection, tenant: str, event: str, source: Source, now: float, *,
                     study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
