@@ -297,6 +297,8 @@ class AuditSettings(_Model):
 class LimitSettings(_Model):
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000
+    #: Most matches one C-FIND returns (0: no limit); beyond it the search stops with Success (dimse/qr.py)
+    dimse_find_max_results: int = Field(default=10000, ge=0)
     #: Largest single instance accepted (bytes)
     max_instance_size: int = 8 * 1024**3
     #: Value length above which metadata carries a BulkDataURI instead of the value (bytes)
