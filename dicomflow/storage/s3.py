@@ -343,8 +343,7 @@ class S3BlobStore:
             size = int(client.head_object(Bucket=bucket, Key=obj)["ContentLength"])
         except _CLIENT_ERRORS as exc:
             raise translate(exc, "head") from exc
-        raw = _RangeReader(client, bucket, obj, size)
-        return io.BufferedReader(raw, buffer_size=self.options.read_ahead)
+        return cast(BinaryIO, _RangeReader(client, bucket, obj, size, self.options.read_ahead))
 
     async def iter_keys(self, prefix: str = "") -> AsyncIterator[str]:
         async for info in self.iter_blobs(prefix):
@@ -376,11 +375,17 @@ def _read_range(path: Path, offset: int, length: int) -> bytes:
 
 
 class _RangeReader(io.RawIOBase):
-    """Raw, seekable view of one object; every ``readinto`` is one ranged GET."""
+    """Seekable, read-ahead view of one object: reads become ranged GETs of at least ``block`` bytes.
 
-    def __init__(self, client: SyncS3Client, bucket: str, key: str, size: int) -> None:
-        self._client, self._bucket, self._key, self._size = client, bucket, key, size
+    Not an ``io.BufferedReader``: pydicom would take that for a local file and reopen it by name.
+    ``read(n)`` returns ``n`` bytes unless the object ends first, like a local file.
+    """
+
+    def __init__(self, client: SyncS3Client, bucket: str, key: str, size: int, block: int) -> None:
+        self._client, self._bucket, self._key, self._size, self._block = client, bucket, key, size, block
         self._pos = 0
+        self._cache = b""
+        self._cache_start = 0
 
     def readable(self) -> bool:
         return True
@@ -398,18 +403,42 @@ class _RangeReader(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        want = min(len(view), self._size - self._pos)
-        if want <= 0:
-            return 0
-        byte_range = f"bytes={self._pos}-{self._pos + want - 1}"
+    def _get(self, start: int, length: int) -> bytes:
+        byte_range = f"bytes={start}-{start + length - 1}"
         try:
             response = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=byte_range)
-            data = response["Body"].read()
+            return response["Body"].read()
         except _CLIENT_ERRORS as exc:
             raise translate(exc, "get") from exc
-        got = len(data)
-        view[:got] = data
-        self._pos += got
-        return got
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self._size - self._pos))
+        done = 0
+        while done < want:
+            offset = self._pos - self._cache_start
+            if 0 <= offset < len(self._cache):
+                n = min(want - done, len(self._cache) - offset)
+                view[done:done + n] = self._cache[offset:offset + n]
+            elif want - done >= self._block:  # a large read goes straight into the caller's buffer
+                data = self._get(self._pos, want - done)
+                n = len(data)
+                view[done:done + n] = data
+            else:
+                self._cache_start = self._pos
+                self._cache = self._get(self._pos, min(self._block, self._size - self._pos))
+                if not self._cache:
+                    break
+                continue
+            if n == 0:
+                break
+            done += n
+            self._pos += n
+        return done
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, self._size - self._pos)
+        buffer = bytearray(min(size, max(0, self._size - self._pos)))
+        n = self.readinto(buffer)
+        return bytes(buffer[:n])

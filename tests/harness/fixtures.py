@@ -1,16 +1,19 @@
 """pytest fixtures for real backing services: PostgreSQL and SeaweedFS S3 (started once per session).
 
-``pg_url`` is a fresh, empty database per test; ``s3_bucket`` a fresh bucket per test on the
-session's ``seaweed``. Services start only when a test asks for them.
+``pg_url`` is a fresh, empty database per test; ``s3_options`` a fresh prefix in a session bucket
+and ``s3_bucket`` a fresh bucket (slower: ~1 s) on the session's ``seaweed``. Services start only
+when a test asks for them.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from dicomflow.storage.s3 import S3Options
 from tests.harness.postgres import ENV_URL, PgCluster, create_database, drop_database
 from tests.harness.seaweed import SeaweedS3
 
@@ -56,3 +59,15 @@ def s3_bucket(seaweed: SeaweedS3) -> Iterator[str]:
         yield name
     finally:
         seaweed.delete_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def s3_shared_bucket(seaweed: SeaweedS3) -> str:
+    """One bucket for the session (creating a SeaweedFS bucket allocates volumes: ~1 s)."""
+    return seaweed.create_bucket()
+
+
+@pytest.fixture
+def s3_options(seaweed: SeaweedS3, s3_shared_bucket: str) -> S3Options:
+    """Options for an S3 blob store under a prefix of this test's own in the session bucket."""
+    return seaweed.options(s3_shared_bucket, prefix=f"t-{uuid.uuid4().hex[:12]}/", part_size=5 * 1024**2)
