@@ -119,7 +119,7 @@ class Choice:
         return f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
 
 
-def _requested_parts(accept: list[MediaType], default_part: str) -> list[tuple[str, str]]:
+def requested_parts(accept: list[MediaType], default_part: str) -> list[tuple[str, str]]:
     """(part media type, transfer syntax or "*") for each acceptable entry, in preference order.
 
     PS3.18 8.7.4/8.7.5: entries are ``multipart/related; type=...; transfer-syntax=...``; a missing type
@@ -151,7 +151,7 @@ def negotiate_dicom(accept: list[MediaType], stored_ts: str, possible: frozenset
 
     ``possible`` is every syntax the instance can be sent in (as stored or transcoded).
     """
-    for part, ts in _requested_parts(accept, DICOM):
+    for part, ts in requested_parts(accept, DICOM):
         if part != DICOM:
             continue
         if ts == ANY_TS:
@@ -162,7 +162,7 @@ def negotiate_dicom(accept: list[MediaType], stored_ts: str, possible: frozenset
 
 
 def wants_dicom(accept: list[MediaType]) -> bool:
-    return any(part == DICOM for part, _ts in _requested_parts(accept, DICOM))
+    return any(part == DICOM for part, _ts in requested_parts(accept, DICOM))
 
 
 def negotiate_pixels(accept: list[MediaType], stored_ts: str, possible: frozenset[str]) -> Choice | None:
@@ -172,7 +172,7 @@ def negotiate_pixels(accept: list[MediaType], stored_ts: str, possible: frozense
     encapsulated data as its compressed media type (Table 8.7.3-4). ``transfer-syntax=*`` takes the
     data as stored.
     """
-    for part, ts in _requested_parts(accept, OCTET_STREAM):
+    for part, ts in requested_parts(accept, OCTET_STREAM):
         if ts == ANY_TS:
             if part == OCTET_STREAM or part in ("image/*", "video/*") or TS_MEDIA_TYPE.get(stored_ts) == part:
                 media = TS_MEDIA_TYPE.get(stored_ts, OCTET_STREAM)
