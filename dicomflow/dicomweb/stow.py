@@ -114,11 +114,32 @@ def response_body(root: str, stored: list[StoreOutcome], failed: list[_Failure])
     return body
 
 
+#: PS3.10 7.1: 128-byte preamble and "DICM" prefix
+PART10_PREFIX = b"\0" * 128 + b"DICM"
+
+
+def _missing_prefix(head: bytes) -> bool:
+    """True for a part that starts with the File Meta group itself, without preamble and prefix.
+
+    pydicom's ``dcmwrite(fp, ds)`` writes that form for a data set made in memory, and
+    dicomweb-client sends exactly those bytes; the prefix is added back so the stored object is a
+    PS3.10 file (the rest of the bytes are kept as received).
+    """
+    return head[128:132] != b"DICM" and head[:2] == b"\x02\x00" and head[4:6] in (b"UL", b"OB", b"UI")
+
+
 async def _store_part(request: web.Request, part: BodyPartReader, tenant: str, study: str | None,
                       source: Source) -> StoreOutcome:
     ingest = request.app[INGEST]
     async with ingest.spool() as spool:
         try:
+            head = b""
+            while len(head) < len(PART10_PREFIX) and (chunk := await part.read_chunk(PART_CHUNK)):
+                head += chunk
+            if _missing_prefix(head):
+                await spool.write(PART10_PREFIX)
+            if head:
+                await spool.write(head)
             while chunk := await part.read_chunk(PART_CHUNK):
                 await spool.write(chunk)
         except (ValueError, AssertionError) as exc:
@@ -193,7 +214,9 @@ async def stow(request: web.Request) -> web.Response:
     if failed:
         details = "; ".join(sorted({f.detail for f in failed}))[:500]
         headers["Warning"] = f'299 dicomflow "{len(failed)} instance(s) failed: {details}"'
-    return web.Response(status=status, text=json.dumps(body), content_type=DICOM_JSON, headers=headers)
+    # no charset parameter: JSON is UTF-8 (RFC 8259), and dicomweb-client compares the media type verbatim
+    headers["Content-Type"] = DICOM_JSON
+    return web.Response(status=status, body=json.dumps(body, ensure_ascii=False).encode(), headers=headers)
 
 
 def add_routes(add: RouteAdder) -> None:
