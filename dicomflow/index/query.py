@@ -594,7 +594,7 @@ def wildcard_regex(pattern: str, ignore_case: bool = False) -> re.Pattern[str]:
 def upper_bound(vr: str, value: str) -> str:
     """An inclusive upper bound string that covers everything within the bound's precision."""
     if vr == "TM":
-        return value + "999999.999999"[len(value):] if len(value) < 13 else value
+        return value + "235959.999999"[len(value):] if len(value) < 13 else value
     if vr == "DT":
         zone = ""
         m = re.search(r"[+-]\d{4}$", value)

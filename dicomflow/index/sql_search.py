@@ -166,7 +166,7 @@ def _plan_conditions(query: Query, tenant: str, dialect: str) -> _Plan:
         if col is not None:
             plan.where.append(_value_clause(col, cond, dialect, tag in _INT_COLUMNS))
             continue
-        if level is Level.IMAGE and tag in query.extra_tags and query.level is Level.IMAGE:
+        if tag in query.extra_tags and query.level is Level.IMAGE:
             x = t.extra_attributes.alias("x")
             plan.where.append(sa.exists().where(x.c.tenant == I.tenant, x.c.sop_uid == I.sop_uid,
                                                 x.c.tag == tag, _value_clause(x.c.value, cond, dialect, False)))
@@ -285,7 +285,9 @@ class SqlSearch:
                 by_level[Level.IMAGE] = instance
                 sources = [instance, series, study]
         for cond in post:
-            attrs = by_level.get(attribute_level(cond.tag)) or by_level[level]
+            # at the IMAGE level every stored attribute is matched on the instance's own value
+            attrs = by_level[Level.IMAGE] if level is Level.IMAGE and cond.tag in by_level[Level.IMAGE] \
+                else by_level.get(attribute_level(cond.tag)) or by_level[level]
             if not element_matches(cond, attrs, ignore_case=ci):
                 return None
         return build_result(query, sources, computed)
