@@ -18,6 +18,8 @@ from dicomflow.cors import cors_middleware
 from dicomflow.dicomweb.errors import dicom_errors
 from dicomflow.dicomweb.routes import setup_routes
 from dicomflow.dimse.server import dimse_server
+from dicomflow.engine.admin import routing_engine
+from dicomflow.engine.admin import setup_routes as setup_routing_admin
 from dicomflow.health import setup_routes as setup_health
 from dicomflow.index.sql import SqlIndexStore
 from dicomflow.ingest.parse import configure_pydicom
@@ -89,7 +91,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_auth)
     app.cleanup_ctx.append(dimse_server)  # after _core: stopped before the index and blobs close
+    app.cleanup_ctx.append(routing_engine)  # after _core: routes run from the outbox, never inline
     setup_health(app)
     setup_audit_routes(app)
     setup_routes(app)
+    setup_routing_admin(app)
     return app

@@ -1,0 +1,1 @@
+"""Actions of routes: FHIR upsert, DICOMweb STOW-RS forward, C-STORE forward, webhook."""

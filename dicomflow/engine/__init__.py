@@ -1,0 +1,1 @@
+"""The routing engine: events from the outbox, routes, deliveries with retries and dead letters."""

@@ -1,0 +1,98 @@
+"""Routes end to end with a webhook: STOW-RS in, outbox, route match, signed POST to a local receiver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicomflow.app import create_app
+from dicomflow.engine.admin import ENGINE
+from tests.factory import make_instance, multipart
+from tests.routing_support import WebhookReceiver, routing_settings, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "s3cret-for-tests"
+
+ROUTE_CT = """
+name: ct-to-hook
+events: [instance.stored]
+match:
+  Modality: [CT]
+actions:
+  - type: webhook
+    destination: hook
+"""
+
+
+async def stow(client: Any, parts: list[bytes], root: str = "/dicomweb") -> None:
+    body, ctype = multipart(parts)
+    resp = await client.post(f"{root}/studies", data=body, headers={"Content-Type": ctype})
+    assert resp.status == 200, await resp.text()
+
+
+async def test_matching_instances_reach_the_webhook_signed(aiohttp_client: Any, aiohttp_server: Any,
+                                                           tmp_path: Path) -> None:
+    receiver = WebhookReceiver(SECRET)
+    hook = await aiohttp_server(receiver.app())
+    settings = routing_settings(tmp_path, {"ct.yaml": ROUTE_CT}, {
+        "hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET}})
+    client = await aiohttp_client(create_app(settings))
+    ct = make_instance(modality="CT", patient_name="Secret^Patient")
+    mr = make_instance(modality="MR")
+    await stow(client, [ct, mr])
+
+    await wait_for(lambda: _async(len(receiver.received) >= 1), what="webhook delivery")
+    engine = client.app[ENGINE]
+    done = await wait_for(lambda: engine.store.list_deliveries(status="done"), what="delivery done")
+    assert len(done) == 1  # the MR instance matched no route
+    got = receiver.received[0]
+    assert receiver.bad_signatures == 0
+    assert got["headers"]["X-Dicomflow-Event"] == "instance.stored"
+    assert got["headers"]["X-Dicomflow-Delivery"] == str(done[0].id)
+    event = got["body"]["event"]
+    assert got["body"]["route"] == "ct-to-hook"
+    assert event["tenant"] == "default" and event["source"]["protocol"] == "dicomweb"
+    assert "Secret" not in str(got["body"])  # UIDs only, never patient data
+
+
+async def test_webhook_4xx_forever_is_a_dead_letter_then_replayed(aiohttp_client: Any, aiohttp_server: Any,
+                                                                 tmp_path: Path) -> None:
+    receiver = WebhookReceiver(SECRET, script=[503, 503, 422])
+    hook = await aiohttp_server(receiver.app())
+    settings = routing_settings(tmp_path, {"ct.yaml": ROUTE_CT}, {
+        "hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET}})
+    client = await aiohttp_client(create_app(settings))
+    await stow(client, [make_instance(modality="CT")])
+    engine = client.app[ENGINE]
+    dead = await wait_for(lambda: engine.store.list_deliveries(status="dead"), what="dead letter")
+    assert dead[0].attempts == 3  # two 503s retried with back-off, then 422: not worth retrying
+    assert "HTTP 422" in (dead[0].last_error or "")
+    assert receiver.received == []
+
+    resp = await client.get("/admin/deliveries", params={"status": "dead"})
+    listed = await resp.json()
+    assert [d["id"] for d in listed] == [dead[0].id] and "422" in listed[0]["last_error"]
+
+    resp = await client.post(f"/admin/deliveries/{dead[0].id}/retry")
+    assert resp.status == 200, await resp.text()
+    await wait_for(lambda: _async(len(receiver.received) == 1), what="replayed delivery")
+    row = await wait_for(lambda: _done(engine, dead[0].id), what="replayed delivery done")
+    assert row.attempts == 1
+
+    metrics = await (await client.get("/metrics")).text()
+    labels = 'destination="hook",{}route="ct-to-hook",{}tenant="default"'
+    assert "dicomflow_delivery_attempts_total{" + labels.format('result="dead",', "") + "} 1.0" in metrics
+    assert "dicomflow_delivery_attempts_total{" + labels.format('result="retry",', "") + "} 2.0" in metrics
+    assert "dicomflow_deliveries{" + labels.format("", 'status="done",') + "} 1.0" in metrics
+
+
+async def _done(engine: Any, delivery_id: int) -> Any:
+    row = await engine.store.get(delivery_id)
+    return row if row is not None and row.status == "done" else None
+
+
+async def _async(value: Any) -> Any:
+    return value
