@@ -1,15 +1,554 @@
-"""Query/Retrieve SCP handlers (C-FIND, C-MOVE, C-GET; PS3.4 Annex C).
+"""Query/Retrieve SCP handlers: C-FIND, C-MOVE and C-GET (PS3.4 Annex C), Patient Root and Study Root.
 
-Stub owned by the query/retrieve engineer: server.py binds whatever :func:`handlers` returns, and
-already accepts the Patient Root / Study Root FIND, MOVE and GET presentation contexts (and the
-storage contexts with both roles, for C-GET sub-operations; see sop_classes.py).
+C-FIND
+    The request identifier becomes a :class:`~dicomflow.index.query.Query` through the matcher QIDO-RS
+    uses (``index/query.py``), so both protocols match identically. Search is hierarchical (PS3.4
+    C.4.1.2.1 / C.4.1.3.1.1): each level above the Query/Retrieve Level must carry its unique key with a
+    single value, otherwise 0xA900 with the Offending Element. Matches stream from the index as they are
+    found: a producer task on the server's loop fills a small queue and this pynetdicom thread sends a
+    pending response (0xFF00) per match, so a result set is never held in memory. C-CANCEL stops the
+    search and answers 0xFE00. ``settings.limits.dimse_find_max_results`` bounds the matches of one
+    request: when reached the search stops and the final status is still Success (PS3.4 has no status
+    for a truncated answer; Orthanc's LimitFindResults behaves the same), and a warning is logged.
+
+    Character sets: the index holds decoded text. A response is encoded in the character set the
+    entity was stored in when every value can be written in it, otherwise in ISO_IR 192 (UTF-8)
+    (PS3.5 6.1.2.3 / PS3.4 C.4.1.1.3.2: Specific Character Set is returned when the values need it).
+
+C-MOVE / C-GET
+    The identifier's unique keys (lists of UIDs allowed at the retrieve level, PS3.4 C.4.2.2.1) select
+    instances through the same matcher; the destination of a C-MOVE must be one of the tenant's
+    ``remote_nodes``, otherwise 0xA801. Sub-operations go through pynetdicom's sub-operation loop, which
+    counts remaining/completed/failed/warning in each pending response, answers 0xB000 when some failed,
+    0xA702 when all failed, and 0xFE00 on C-CANCEL. The C-MOVE association proposes, per SOP Class, one
+    context per stored transfer syntax plus the uncompressed fallbacks (``dimse/scu.py``); each instance
+    goes as stored when accepted, else converted. C-GET sends on the requesting association with the
+    contexts (and SCP/SCU role selection, PS3.7 D.3.3.4) the requestor negotiated.
+
+    pynetdicom asks the C-MOVE handler for the destination before anything else and cannot report a
+    failure before the sub-operation association exists, so an identifier that cannot be served or an
+    index that does not answer ends the request with pynetdicom's 0xC514 (C-MOVE) or 0xC413 (C-GET),
+    both "Failed: Unable to process" (PS3.4 C.4.2.1.4, C.4.3.1.4), rather than 0xA900 / 0xA701. It also
+    answers 0xA801 when the destination refuses the association.
+
+Tenancy: every request sees only the tenant that owns the called AE title.
 """
 
 from __future__ import annotations
 
-from dicomflow.dimse.bridge import DimseContext, EventHandler
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import replace
+from typing import Any, Generic, TypeVar
+
+from pydicom.charset import convert_encodings, decode_bytes, encode_string
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext, build_context
+
+from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of
+from dicomflow.dimse.scu import (
+    FALLBACK_SYNTAXES,
+    MAX_CONTEXTS,
+    accepted_syntaxes,
+    association_kwargs,
+    load_for_peer,
+    propose_contexts,
+)
+from dicomflow.errors import DicomServiceError, InvalidQueryError, NotAcceptableError, OutOfResourcesError
+from dicomflow.index.base import InstanceRecord
+from dicomflow.index.query import (
+    QUERY_RETRIEVE_LEVEL,
+    RETRIEVE_AE_TITLE,
+    SERIES_UID,
+    SOP_UID,
+    SPECIFIC_CHARACTER_SET,
+    STUDY_UID,
+    UNIQUE_KEY,
+    SearchResults,
+    query_from_identifier,
+    with_scope,
+)
+from dicomflow.model import Level
+from dicomflow.settings import RemoteNode
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# PS3.4 C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE), C.4.3.1.5 (C-GET) status codes
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+
+#: PS3.4 C.6.1 Patient Root and C.6.2 Study Root information models, per DIMSE service.
+PATIENT_ROOT = frozenset({"1.2.840.10008.5.1.4.1.2.1.1",  # FIND
+                          "1.2.840.10008.5.1.4.1.2.1.2",  # MOVE
+                          "1.2.840.10008.5.1.4.1.2.1.3"})  # GET
+STUDY_ROOT = frozenset({"1.2.840.10008.5.1.4.1.2.2.1",  # FIND
+                        "1.2.840.10008.5.1.4.1.2.2.2",  # MOVE
+                        "1.2.840.10008.5.1.4.1.2.2.3"})  # GET
+_ORDER = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+_PREFETCH = 64
+#: PS3.5 6.1.2.5.3: ISO 2022 escapes are reset at these delimiters
+_PN_DELIMITERS = {ord("^"), ord("=")}
+_TEXT_DELIMITERS = {0x5C, 0x0D, 0x0A, 0x09, 0x0C}
+
+
+# -- streaming an async iterator of the server's loop into a pynetdicom thread ---------------------------
+
+_END = object()
+
+
+class LoopStream(Generic[T]):
+    """Iterate, from a pynetdicom thread, an async iterator that lives on the server's event loop.
+
+    A producer task on the loop fills a bounded queue (``prefetch`` items) while this thread consumes it
+    in batches, one loop hop per batch: the producer stays ahead of the peer without the whole result set
+    ever being buffered. :meth:`close` cancels the producer and closes the source (C-CANCEL, errors).
+    """
+
+    def __init__(self, ctx: DimseContext, source: Callable[[], AsyncIterator[T]], prefetch: int = _PREFETCH):
+        self._ctx = ctx
+        self._source_factory = source
+        self._prefetch = prefetch
+        self._queue: asyncio.Queue[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._source: AsyncIterator[T] | None = None
+
+    async def _start(self) -> None:
+        self._queue = asyncio.Queue(self._prefetch)
+        self._source = self._source_factory()
+        self._task = asyncio.get_running_loop().create_task(self._produce())
+
+    async def _produce(self) -> None:
+        assert self._queue is not None and self._source is not None
+        try:
+            async for item in self._source:
+                await self._queue.put(item)
+            await self._queue.put(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consuming thread, raised there
+            await self._queue.put(exc)
+
+    async def _take(self) -> list[Any]:
+        assert self._queue is not None
+        items = [await self._queue.get()]
+        while len(items) < self._prefetch and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
+    async def _stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def __iter__(self) -> Iterator[T]:
+        self._ctx.run(self._start())
+        try:
+            while True:
+                for item in self._ctx.run(self._take()):
+                    if item is _END:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._source is not None or self._task is not None:
+            try:
+                self._ctx.run(self._stop())
+            finally:
+                self._source, self._task = None, None
+
+
+# -- identifier handling ----------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A C-FIND answered with a failure status (and the Offending Element when there is one)."""
+
+    def __init__(self, status: int, comment: str, offending: str | None = None) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+        self.offending = offending
+
+    def status_dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.Status = self.status
+        ds.ErrorComment = self.comment[:64]  # LO (PS3.7 C.4: never patient data)
+        if self.offending is not None:
+            ds.OffendingElement = [Tag(int(self.offending, 16))]
+        return ds
+
+
+def model_levels(sop_class_uid: str) -> tuple[Level, ...]:
+    """The levels of the information model behind a Q/R SOP Class (PS3.4 C.6.1.1 / C.6.2.1)."""
+    if sop_class_uid in PATIENT_ROOT:
+        return _ORDER
+    if sop_class_uid in STUDY_ROOT:
+        return _ORDER[1:]
+    raise _Refused(UNABLE_TO_PROCESS, "unsupported Query/Retrieve SOP Class")
+
+
+def _decode_identifier(event: Event) -> dict[str, Any]:
+    try:
+        identifier = event.identifier
+        return dict(identifier.to_json_dict(bulk_data_threshold=1 << 30))
+    except Exception as exc:
+        raise _Refused(UNABLE_TO_PROCESS, "identifier cannot be decoded") from exc
+
+
+def _level_of(identifier: Mapping[str, Any], levels: tuple[Level, ...]) -> Level:
+    values = (identifier.get(QUERY_RETRIEVE_LEVEL) or {}).get("Value") or []
+    text = str(values[0]).strip().upper() if values else ""
+    for level in levels:
+        if level.value == text:
+            return level
+    # PS3.4 C.4.1.1.3.1: Query/Retrieve Level is required and names a level of the model
+    raise _Refused(IDENTIFIER_DOES_NOT_MATCH, "missing or invalid Query/Retrieve Level", QUERY_RETRIEVE_LEVEL)
+
+
+def _single_value(identifier: Mapping[str, Any], tag: str) -> str | None:
+    """The single value of a key, or None when absent, empty, a list or a wild card."""
+    values = (identifier.get(tag) or {}).get("Value") or []
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    value = values[0].strip()
+    if not value or "*" in value or "?" in value or "\\" in value:
+        return None
+    return value
+
+
+def _higher_unique_keys(identifier: Mapping[str, Any], level: Level, levels: tuple[Level, ...]) -> dict[Level, str]:
+    """PS3.4 C.4.1.2.1 / C.4.2.2.1: above the Q/R level, each level's unique key with one value."""
+    keys: dict[Level, str] = {}
+    for upper in levels[: levels.index(level)]:
+        tag = UNIQUE_KEY[upper]
+        value = _single_value(identifier, tag)
+        if value is None:
+            raise _Refused(IDENTIFIER_DOES_NOT_MATCH,
+                           f"unique key {tag} of the {upper.value} level needs a single value", tag)
+        keys[upper] = value
+    return keys
+
+
+def _text_values(element: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    vr = element.get("vr")
+    for value in element.get("Value") or ():
+        if vr == "SQ" and isinstance(value, Mapping):
+            for item_element in value.values():
+                if isinstance(item_element, Mapping):
+                    yield from _text_values(item_element)
+        elif vr == "PN" and isinstance(value, Mapping):
+            for group in ("Alphabetic", "Ideographic", "Phonetic"):
+                if value.get(group):
+                    yield "PN", str(value[group])
+        elif vr in _TEXT_VRS and isinstance(value, str):
+            yield str(vr), value
+
+
+def choose_charset(match: Mapping[str, Any], stored: list[str] | None) -> list[str] | None:
+    """The Specific Character Set to answer with: None when all text is ASCII, else the stored one when
+    every value round-trips through it, else ISO_IR 192 (PS3.5 6.1.2.3)."""
+    texts = [(vr, v) for element in match.values() if isinstance(element, Mapping) for vr, v in _text_values(element)
+             if not v.isascii()]
+    if not texts:
+        return None
+    if stored and stored != ["ISO_IR 192"]:
+        try:
+            encodings = convert_encodings(stored)
+            for vr, text in texts:
+                delimiters = _PN_DELIMITERS if vr == "PN" else _TEXT_DELIMITERS
+                if decode_bytes(encode_string(text, encodings), encodings, delimiters) != text:
+                    break
+            else:
+                return list(stored)
+        except Exception:  # not encodable (or an unknown term): fall back to UTF-8
+            pass
+    return ["ISO_IR 192"]
+
+
+def to_response(match: dict[str, Any], level: Level, retrieve_ae: str | None,
+                wanted_charset: bool) -> Dataset:
+    """A C-FIND pending response identifier from one match (PS3.4 C.4.1.1.3.2)."""
+    stored_cs = match.pop(SPECIFIC_CHARACTER_SET, None)
+    stored_terms = [str(v or "") for v in (stored_cs or {}).get("Value") or []] or None
+    charset = choose_charset(match, stored_terms)
+    match[QUERY_RETRIEVE_LEVEL] = {"vr": "CS", "Value": [level.value]}
+    if retrieve_ae is not None:
+        match[RETRIEVE_AE_TITLE] = {"vr": "AE", "Value": [retrieve_ae]}
+    ds = Dataset.from_json(match)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
+    elif wanted_charset:
+        ds.add_new(0x00080005, "CS", None)
+    return ds
+
+
+# -- handlers ---------------------------------------------------------------------------------------------
+
+
+class QueryRetrieve:
+    """The C-FIND / C-MOVE / C-GET handlers of one SCP."""
+
+    def __init__(self, ctx: DimseContext) -> None:
+        self.ctx = ctx
+
+    def _tenant(self, assoc: Association) -> str:
+        return self.ctx.tenant_of(assoc)
+
+    def _find_limit(self) -> int | None:
+        limit = self.ctx.settings.limits.dimse_find_max_results
+        return limit or None
+
+    # C-FIND ----------------------------------------------------------------------------------------
+
+    def on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """EVT_C_FIND: yield ``(0xFF00, identifier)`` per match, then pynetdicom sends the final status."""
+        assoc = event.assoc
+        try:
+            tenant = self._tenant(assoc)
+            levels = model_levels(str(event.request.AffectedSOPClassUID))
+            identifier = _decode_identifier(event)
+            level = _level_of(identifier, levels)
+            above = _higher_unique_keys(identifier, level, levels)
+            wanted_charset = SPECIFIC_CHARACTER_SET in identifier
+            wants_retrieve_ae = RETRIEVE_AE_TITLE in identifier
+            tenant_cfg = self.ctx.settings.tenants[tenant]
+            try:
+                query = query_from_identifier(identifier, level, pn_case_insensitive=tenant_cfg.pn_case_insensitive,
+                                              limit=self._find_limit())
+            except InvalidQueryError as exc:
+                raise _Refused(IDENTIFIER_DOES_NOT_MATCH, exc.detail) from exc
+            query = with_scope(query, above.get(Level.STUDY), above.get(Level.SERIES))
+            query = replace(query, returns=query.returns | {SPECIFIC_CHARACTER_SET})
+        except _Refused as exc:
+            logger.warning("C-FIND refused assoc=%s: 0x%04X %s", assoc.name, exc.status, exc.comment)
+            yield exc.status_dataset(), None
+            return
+        except DicomServiceError as exc:
+            logger.error("C-FIND failed assoc=%s: %s", assoc.name, exc.detail)
+            yield _status(UNABLE_TO_PROCESS, exc.detail), None
+            return
+
+        retrieve_ae = called_ae_of(assoc) if wants_retrieve_ae else None
+        results: list[SearchResults] = []
+
+        def search() -> AsyncIterator[dict[str, Any]]:
+            found = self.ctx.index.search(tenant, query)
+            results.append(found)
+            return found
+
+        stream = LoopStream(self.ctx, search)
+        sent = 0
+        try:
+            for match in stream:
+                if event.is_cancelled:
+                    logger.info("C-FIND cancelled assoc=%s tenant=%s after %d matches", assoc.name, tenant, sent)
+                    yield CANCEL, None
+                    return
+                yield PENDING, to_response(match, level, retrieve_ae, wanted_charset)
+                sent += 1
+        except OutOfResourcesError as exc:
+            logger.error("C-FIND assoc=%s tenant=%s: %s", assoc.name, tenant, exc.detail)
+            yield _status(OUT_OF_RESOURCES, exc.detail), None
+            return
+        except DicomServiceError as exc:
+            logger.error("C-FIND assoc=%s tenant=%s: %s", assoc.name, tenant, exc.detail)
+            yield _status(UNABLE_TO_PROCESS, exc.detail), None
+            return
+        finally:
+            stream.close()
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        if results and results[0].truncated:
+            logger.warning("C-FIND assoc=%s tenant=%s: stopped at the limit of %d matches",
+                           assoc.name, tenant, sent)
+        logger.info("C-FIND assoc=%s tenant=%s level=%s: %d matches", assoc.name, tenant, level.value, sent)
+        yield SUCCESS, None
+
+    # C-MOVE / C-GET --------------------------------------------------------------------------------
+
+    def _records(self, event: Event, tenant: str) -> list[InstanceRecord]:
+        """The instances a C-MOVE / C-GET identifier selects (PS3.4 C.4.2.2.1 unique keys only)."""
+        levels = model_levels(str(event.request.AffectedSOPClassUID))
+        identifier = _decode_identifier(event)
+        level = _level_of(identifier, levels)
+        above = _higher_unique_keys(identifier, level, levels)
+        own_tag = UNIQUE_KEY[level]
+        own = [str(v).strip() for v in (identifier.get(own_tag) or {}).get("Value") or [] if str(v).strip()]
+        if not own or any("*" in v or "?" in v for v in own):
+            raise _Refused(IDENTIFIER_DOES_NOT_MATCH, f"unique key {own_tag} needs one or more values", own_tag)
+        def key(lvl: Level, values: list[str]) -> dict[str, Any]:
+            return {"vr": "LO" if lvl is Level.PATIENT else "UI", "Value": values}
+
+        keys: dict[str, Any] = {UNIQUE_KEY[lvl]: key(lvl, [v]) for lvl, v in above.items()}
+        keys[own_tag] = key(level, own)
+        # a PATIENT level retrieve selects that patient's studies (PS3.4 C.6.1.1.2: Patient ID is a study key)
+        match_level = Level.STUDY if level is Level.PATIENT else level
+        keys.setdefault(STUDY_UID, {"vr": "UI"})  # returned, so that instances can be listed per study
+        if match_level in (Level.SERIES, Level.IMAGE):
+            keys.setdefault(SERIES_UID, {"vr": "UI"})
+        try:
+            query = query_from_identifier(keys, match_level, limit=None)
+        except InvalidQueryError as exc:
+            raise _Refused(IDENTIFIER_DOES_NOT_MATCH, exc.detail) from exc
+        return self.ctx.run(self._collect(tenant, query, match_level))
+
+    async def _collect(self, tenant: str, query: Any, level: Level) -> list[InstanceRecord]:
+        scopes: dict[tuple[str, str | None], set[str] | None] = {}
+        found = self.ctx.index.search(tenant, query)
+        async with found:
+            async for match in found:
+                study = _uid(match, STUDY_UID)
+                series = _uid(match, SERIES_UID) if level in (Level.SERIES, Level.IMAGE) else None
+                if study is None:
+                    continue
+                if level is Level.IMAGE:
+                    bucket = scopes.setdefault((study, series), set())
+                    sop = _uid(match, SOP_UID)
+                    if bucket is not None and sop is not None:
+                        bucket.add(sop)
+                else:
+                    scopes[(study, series)] = None
+        records: list[InstanceRecord] = []
+        for (study, series), sops in scopes.items():
+            for rec in await self.ctx.index.list_instances(tenant, study, series):
+                if sops is None or rec.sop_uid in sops:
+                    records.append(rec)
+        return records
+
+    def _prepare(self, assoc: Association | None, rec: InstanceRecord) -> Dataset:
+        """The data set to yield for one sub-operation; one pynetdicom cannot send when it must fail."""
+        accepted = accepted_syntaxes(assoc, rec.sop_class_uid) if assoc is not None else set()
+        try:
+            if accepted:
+                return load_for_peer(self.ctx.blobs, rec, accepted)
+            detail = "no presentation context accepted for the SOP Class"
+        except NotAcceptableError as exc:
+            detail = exc.detail
+        except (OSError, DicomServiceError) as exc:
+            detail = f"stored instance unreadable: {type(exc).__name__}"
+            logger.exception("sub-operation: instance %s unreadable", rec.sop_uid)
+        logger.warning("sub-operation for %s fails: %s", rec.sop_uid, detail)
+        # pynetdicom counts a data set it cannot send as a failed sub-operation and lists its SOP Instance
+        # UID in the Failed SOP Instance UID List (PS3.4 C.4.2.1.5.1); no accepted context has this syntax.
+        failing = Dataset()
+        failing.SOPClassUID = rec.sop_class_uid
+        failing.SOPInstanceUID = rec.sop_uid
+        failing.file_meta = Dataset()  # type: ignore[assignment]
+        failing.file_meta.TransferSyntaxUID = UID(_UNSENDABLE_SYNTAX)
+        return failing
+
+    def on_move(self, event: Event) -> Iterator[Any]:
+        """EVT_C_MOVE: yield the destination, the number of sub-operations, then ``(0xFF00, dataset)``s."""
+        assoc = event.assoc
+        tenant = self._tenant(assoc)
+        destination = (event.move_destination or "").strip()
+        node = _remote_node(self.ctx.settings.tenants[tenant].remote_nodes, destination)
+        if node is None:
+            logger.warning("C-MOVE assoc=%s tenant=%s: unknown destination %r", assoc.name, tenant, destination)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown (PS3.4 C.4.2.1.5)
+            return
+        records = self._records_or_raise(event, tenant, "C-MOVE")
+        store_assoc: list[Association] = []
+        contexts = _contexts_for(records)
+        kwargs = association_kwargs(node, contexts, self.ctx.settings.dimse,
+                                    extra_handlers=[(evt.EVT_ACCEPTED, lambda e: store_assoc.append(e.assoc))])
+        yield node.host, node.port, kwargs
+        yield len(records)
+        logger.info("C-MOVE assoc=%s tenant=%s to %s: %d instances", assoc.name, tenant, node.ae_title,
+                    len(records))
+        for rec in records:
+            if event.is_cancelled:
+                logger.info("C-MOVE cancelled assoc=%s tenant=%s", assoc.name, tenant)
+                yield CANCEL, None
+                return
+            yield PENDING, self._prepare(store_assoc[0] if store_assoc else None, rec)
+
+    def on_get(self, event: Event) -> Iterator[Any]:
+        """EVT_C_GET: yield the number of sub-operations, then ``(0xFF00, dataset)`` per instance."""
+        assoc = event.assoc
+        tenant = self._tenant(assoc)
+        records = self._records_or_raise(event, tenant, "C-GET")
+        yield len(records)
+        logger.info("C-GET assoc=%s tenant=%s: %d instances", assoc.name, tenant, len(records))
+        for rec in records:
+            if event.is_cancelled:
+                logger.info("C-GET cancelled assoc=%s tenant=%s", assoc.name, tenant)
+                yield CANCEL, None
+                return
+            yield PENDING, self._prepare(assoc, rec)
+
+    def _records_or_raise(self, event: Event, tenant: str, service: str) -> list[InstanceRecord]:
+        try:
+            return self._records(event, tenant)
+        except _Refused as exc:
+            logger.warning("%s refused assoc=%s: %s", service, event.assoc.name, exc.comment)
+            raise RetrieveRefusedError(exc.comment) from None
+        except DicomServiceError as exc:
+            logger.error("%s failed assoc=%s tenant=%s: %s", service, event.assoc.name, tenant, exc.detail)
+            raise RetrieveRefusedError(exc.detail) from None
+
+
+class RetrieveRefusedError(Exception):
+    """Raised inside a C-MOVE/C-GET handler: pynetdicom answers with its 0xCxxx Unable to Process."""
+
+
+#: A transfer syntax UID no peer accepts, so that pynetdicom fails the sub-operation (see _prepare).
+_UNSENDABLE_SYNTAX = "1.2.840.10008.1.2.4.999"
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _uid(match: Mapping[str, Any], tag: str) -> str | None:
+    values = (match.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+def _remote_node(nodes: Mapping[str, RemoteNode], ae_title: str) -> RemoteNode | None:
+    for node in nodes.values():
+        if node.ae_title == ae_title:
+            return node
+    return None
+
+
+def _contexts_for(records: list[InstanceRecord]) -> list[PresentationContext]:
+    try:
+        return propose_contexts(records)
+    except ValueError:
+        # More (SOP Class, syntax) pairs than one association holds: propose only the uncompressed
+        # fallbacks per SOP Class; instances then go converted (PS3.8 9.3.2.2 caps contexts at 128).
+        classes = list(dict.fromkeys(r.sop_class_uid for r in records))[:MAX_CONTEXTS]
+        return [build_context(sop, list(FALLBACK_SYNTAXES)) for sop in classes]
 
 
 def handlers(ctx: DimseContext) -> list[EventHandler]:
     """``(event, handler)`` pairs for EVT_C_FIND / EVT_C_MOVE / EVT_C_GET, bound to ``ctx``."""
-    return []
+    qr = QueryRetrieve(ctx)
+    return [(evt.EVT_C_FIND, qr.on_find), (evt.EVT_C_MOVE, qr.on_move), (evt.EVT_C_GET, qr.on_get)]

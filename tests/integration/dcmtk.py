@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import split_dataset
+
+from tests.conftest import LiveServer, make_settings
 
 #: PS3.15-free but important: without TCP_NODELAY dcmtk waits on delayed ACKs (COMPONENTS.md).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -98,3 +101,50 @@ def transfer_syntax(path: Path) -> str:
 
 def read(path: Path) -> Dataset:
     return pydicom.dcmread(path)
+
+
+def dimse_server(live_server_factory: Any, tmp_path: Path, **overrides: Any) -> LiveServer:
+    """A live server (HTTP + DIMSE) with its own data directory and ports."""
+    dimse = {"port": free_port(), "enabled": True, "acse_timeout": 5.0, "dimse_timeout": 30.0,
+             "network_timeout": 30.0, **overrides.pop("dimse", {})}
+    server: LiveServer = live_server_factory(make_settings(tmp_path, dimse=dimse, **overrides))
+    return server
+
+
+def storescu(server: LiveServer, files: list[Path], called: str = "DICOMFLOW") -> None:
+    """Store files with dcmtk's storescu over one association; fail the test unless all succeed."""
+    proc = run(["storescu", "-aec", called, "-aet", "STORESCU", "+sd", "-R",
+                "127.0.0.1", str(server.settings.dimse.port), *map(str, files)])
+    assert proc.returncode == 0, proc.stderr
+
+
+def write_instances(folder: Path, datasets: list[Dataset]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"i{i:04d}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class FindResult:
+    responses: list[Dataset]
+    proc: subprocess.CompletedProcess[str]
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+
+def findscu(server: LiveServer, out: Path, keys: list[str], *, model: str = "-S", called: str = "DICOMFLOW",
+            extra: tuple[str, ...] = ()) -> FindResult:
+    """dcmtk findscu with ``-k`` keys; the responses are extracted (-X) and read back with pydicom."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["findscu", "-v", model, "-aec", called, "-aet", "FINDSCU", "-X", "-od", str(out), *extra]
+    for key in keys:
+        args += ["-k", key]
+    proc = run([*args, "127.0.0.1", str(server.settings.dimse.port)])
+    files = sorted(out.glob("rsp*.dcm"))
+    return FindResult([pydicom.dcmread(f) for f in files], proc)
