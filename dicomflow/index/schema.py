@@ -15,6 +15,10 @@ metadata = sa.MetaData()
 
 Json = sa.Text  # JSON kept as text: written once, returned verbatim
 
+#: UIDs compare and sort byte-wise on every database, as in SQLite: a PostgreSQL cluster's locale
+#: collation (en_US...) ignores the dots and would order "1.23.4" and "1.2.34" differently.
+Uid = sa.String(64).with_variant(sa.String(64, collation="C"), "postgresql")
+
 schema_info = sa.Table(
     "schema_info", metadata,
     sa.Column("version", sa.Integer, nullable=False),
@@ -23,7 +27,7 @@ schema_info = sa.Table(
 studies = sa.Table(
     "studies", metadata,
     sa.Column("tenant", sa.String(64), primary_key=True),
-    sa.Column("study_uid", sa.String(64), primary_key=True),
+    sa.Column("study_uid", Uid, primary_key=True),
     sa.Column("patient_id", sa.Text),
     sa.Column("issuer_of_patient_id", sa.Text),
     sa.Column("patient_name", sa.Text),
@@ -52,8 +56,8 @@ sa.Index("ix_studies_updated", studies.c.tenant, studies.c.updated_at)
 series = sa.Table(
     "series", metadata,
     sa.Column("tenant", sa.String(64), primary_key=True),
-    sa.Column("series_uid", sa.String(64), primary_key=True),
-    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("series_uid", Uid, primary_key=True),
+    sa.Column("study_uid", Uid, nullable=False),
     sa.Column("modality", sa.String(16)),
     sa.Column("series_number", sa.Integer),
     sa.Column("series_description", sa.Text),
@@ -72,12 +76,12 @@ sa.Index("ix_series_modality", series.c.tenant, series.c.modality)
 instances = sa.Table(
     "instances", metadata,
     sa.Column("tenant", sa.String(64), primary_key=True),
-    sa.Column("sop_uid", sa.String(64), primary_key=True),
-    sa.Column("study_uid", sa.String(64), nullable=False),
-    sa.Column("series_uid", sa.String(64), nullable=False),
-    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("sop_uid", Uid, primary_key=True),
+    sa.Column("study_uid", Uid, nullable=False),
+    sa.Column("series_uid", Uid, nullable=False),
+    sa.Column("sop_class_uid", Uid, nullable=False),
     sa.Column("instance_number", sa.Integer),
-    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
+    sa.Column("transfer_syntax_uid", Uid, nullable=False),
     sa.Column("number_of_frames", sa.Integer),
     sa.Column("pixel_data_offset", sa.BigInteger),
     sa.Column("blob_key", sa.Text, nullable=False),
@@ -94,7 +98,7 @@ sa.Index("ix_instances_blob", instances.c.blob_key)
 extra_attributes = sa.Table(
     "extra_attributes", metadata,
     sa.Column("tenant", sa.String(64), nullable=False),
-    sa.Column("sop_uid", sa.String(64), nullable=False),
+    sa.Column("sop_uid", Uid, nullable=False),
     sa.Column("tag", sa.String(8), nullable=False),
     sa.Column("value", sa.Text),
 )
@@ -107,9 +111,9 @@ outbox = sa.Table(
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
     sa.Column("tenant", sa.String(64), nullable=False),
     sa.Column("event", sa.String(32), nullable=False),
-    sa.Column("study_uid", sa.String(64)),
-    sa.Column("series_uid", sa.String(64)),
-    sa.Column("sop_uid", sa.String(64)),
+    sa.Column("study_uid", Uid),
+    sa.Column("series_uid", Uid),
+    sa.Column("sop_uid", Uid),
     sa.Column("payload_json", Json, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("claimed_by", sa.Text),
@@ -129,9 +133,9 @@ deliveries = sa.Table(
     sa.Column("step", sa.Integer, nullable=False),  # index of the action in the route
     sa.Column("action", sa.String(16), nullable=False),  # fhir | dicomweb | dicom | webhook
     sa.Column("destination", sa.String(64), nullable=False),
-    sa.Column("study_uid", sa.String(64)),
-    sa.Column("series_uid", sa.String(64)),
-    sa.Column("sop_uid", sa.String(64)),
+    sa.Column("study_uid", Uid),
+    sa.Column("series_uid", Uid),
+    sa.Column("sop_uid", Uid),
     sa.Column("event_json", Json, nullable=False),
     sa.Column("action_json", Json, nullable=False),  # the action as configured when the event was routed
     sa.Column("status", sa.String(16), nullable=False),  # waiting | pending | done | dead | dropped
@@ -155,7 +159,7 @@ stability = sa.Table(
     sa.Column("level", sa.String(8), primary_key=True),  # study | series
     sa.Column("uid", sa.String(64), primary_key=True),
     sa.Column("quiet", sa.Float, primary_key=True),  # seconds without a new instance
-    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("study_uid", Uid, nullable=False),
     sa.Column("due_at", sa.Float, nullable=False),
 )
 sa.Index("ix_stability_due", stability.c.due_at)
@@ -168,7 +172,7 @@ audit_events = sa.Table(
     sa.Column("recorded", sa.Float, nullable=False),
     sa.Column("action", sa.String(32), nullable=False),  # store | query | retrieve | delete | ... | login
     sa.Column("outcome", sa.Integer, nullable=False),  # FHIR AuditEvent.outcome: 0, 4, 8, 12
-    sa.Column("study_uid", sa.String(64)),
+    sa.Column("study_uid", Uid),
     sa.Column("event_json", Json, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),  # sha256(prev_hash + event_json)

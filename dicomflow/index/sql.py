@@ -177,8 +177,16 @@ class SqlIndexStore:
         job = StoreJob(self.dialect, tenant, parsed, blob_key, size, sha256, source, policy, extra_tags)
         if self._writer is not None:
             return await self._writer.run(job)
-        async with self._write() as conn:
-            return await conn.run_sync(job)
+        for attempt in range(3):
+            try:
+                async with self._write() as conn:
+                    return await conn.run_sync(job)
+            except sa.exc.IntegrityError:
+                # another process inserted the same SOP Instance UID meanwhile: run again, and see
+                # its row (duplicate, 409 or overwrite) exactly as if the two had come one after the other
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _emit(self, conn: AsyncConnection, tenant: str, event: str, source: Source, now: float, *,
                     study_uid: str, series_uid: str | None = None, sop_uid: str | None = None,
