@@ -9,13 +9,19 @@ for :meth:`IngestService.store`. The status is returned only after the instance 
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import struct
+import zlib
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
-import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
@@ -37,43 +43,75 @@ _SOP_CLASS = Tag(0x00080016)
 _SOP_INSTANCE = Tag(0x00080018)
 
 
-def _uid_of(ds: Dataset, tag: Any) -> str:
-    elem = ds.get(tag)
-    return str(elem.value).strip("\0 ") if elem is not None and elem.value is not None else ""
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip("\0 ")
 
 
-def check_received(path: Path, affected_class: str, affected_instance: str) -> None:
+def dataset_offset(fh: BinaryIO) -> int:
+    """Where the data set starts in a Part 10 file: after the preamble, 'DICM' and group 0002 (PS3.10 7.1)."""
+    fh.seek(0)
+    head = fh.read(144)
+    # (0002,0000) File Meta Information Group Length, explicit VR little endian, UL
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        raise UnreadableInstanceError("File Meta Information without a group length")
+    group_length: int = struct.unpack("<I", head[140:144])[0]
+    return 144 + group_length
+
+
+def check_received(fh: BinaryIO, transfer_syntax: str, affected_class: str, affected_instance: str) -> None:
     """Reject a data set that is truncated or does not match the C-STORE request.
 
-    PS3.4 B.2.3: 0xC000 (cannot understand) for a data set that cannot be parsed to its end;
-    0xA900 when the SOP Class / SOP Instance UID in the data set differ from the Affected SOP
-    Class / Instance UID of the request (PS3.7 9.1.1.1).
+    ``fh`` is the received Part 10 file. PS3.4 B.2.3: 0xC000 (cannot understand) for a data set that
+    does not parse to its end (a value or a sequence cut short, a partial element at the end);
+    0xA900 when its SOP Class / SOP Instance UID differ from the request's Affected SOP Class /
+    Instance UID (PS3.7 9.1.1.1) or are missing. Values are skipped, not read: memory stays flat.
     """
-    size = path.stat().st_size
+    ts = UID(transfer_syntax)
+    start = dataset_offset(fh)
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell() - start
+    fh.seek(start)
+    stream: BinaryIO = fh
+    if ts == DeflatedExplicitVRLittleEndian:  # PS3.5 A.5: the whole data set is deflated
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            stream = io.BytesIO(inflater.decompress(fh.read()) + inflater.flush())
+        except zlib.error as exc:
+            raise UnreadableInstanceError("deflated data set cannot be inflated") from exc
+        if not inflater.eof:
+            raise UnreadableInstanceError("deflated data set is truncated")
+        size = len(stream.getbuffer())
+    base = stream.tell()
+    delimiter = (b"\xfe\xff\xdd\xe0" if ts.is_little_endian else b"\xff\xfe\xe0\xdd") + b"\0\0\0\0"
+    uids: dict[int, str] = {}
+    end = 0
     try:
-        ds = pydicom.dcmread(path, defer_size=256)
-        # Top-level values whose declared length runs past the end of what was received.
-        for tag in list(ds.keys()):
-            raw = ds.get_item(tag, keep_deferred=True)
-            tell = getattr(raw, "value_tell", None)
-            length = getattr(raw, "length", None)
-            if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
-                raise UnreadableInstanceError("data set is truncated")
-            if length is not None and length != 0xFFFFFFFF and getattr(raw, "value", b"") is not None \
-                    and isinstance(raw.value, bytes) and len(raw.value) < length:
-                raise UnreadableInstanceError("data set is truncated")
-        sop_class = _uid_of(ds, _SOP_CLASS)
-        sop_instance = _uid_of(ds, _SOP_INSTANCE)
+        for elem in data_element_generator(stream, ts.is_implicit_VR, ts.is_little_endian, defer_size=256):
+            if elem.tag in (_SOP_CLASS, _SOP_INSTANCE):
+                uids[int(elem.tag)] = _text(elem.value)
+            # undefined length (a sequence, encapsulated pixel data): must end with a Sequence Delimitation Item
+            if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+                end = stream.tell() - base
+                stream.seek(base + end - 8)
+                if end > size or stream.read(8) != delimiter:
+                    raise UnreadableInstanceError("data set is truncated")
+            else:
+                end = int(elem.value_tell) - base + int(elem.length)
+                if end > size:
+                    raise UnreadableInstanceError("data set is truncated")
+            stream.seek(base + end)
     except DicomServiceError:
         raise
     except Exception as exc:
         raise UnreadableInstanceError("data set could not be parsed to its end") from exc
-    if sop_class != affected_class:
-        raise DatasetMismatchError("SOP Class UID differs from the Affected SOP Class UID",
-                                   sop_instance_uid=affected_instance)
-    if sop_instance != affected_instance:
-        raise DatasetMismatchError("SOP Instance UID differs from the Affected SOP Instance UID",
-                                   sop_instance_uid=affected_instance)
+    if end != size:
+        raise UnreadableInstanceError("data set is truncated")
+    if uids.get(int(_SOP_CLASS), "") != affected_class:
+        raise DatasetMismatchError("SOP Class UID differs from the Affected SOP Class UID")
+    if uids.get(int(_SOP_INSTANCE), "") != affected_instance:
+        raise DatasetMismatchError("SOP Instance UID differs from the Affected SOP Instance UID")
 
 
 def _fill_spool(event: Event, spool: Spool) -> None:
@@ -101,7 +139,8 @@ def handle_store(event: Event, ctx: DimseContext) -> Dataset:
             _fill_spool(event, spool)
         except OSError as exc:
             raise OutOfResourcesError("spool disk full or unavailable") from exc
-        check_received(spool.path, affected_class, affected_instance)
+        with open(spool.path, "rb") as fh:
+            check_received(fh, str(event.context.transfer_syntax), affected_class, affected_instance)
         outcome = ctx.run(ctx.ingest.store(tenant, spool, source=source))
     except DicomServiceError as exc:
         exc.sop_instance_uid = exc.sop_instance_uid or affected_instance
