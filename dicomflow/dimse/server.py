@@ -152,6 +152,9 @@ class DimseServer:
         # Process-wide pynetdicom switch, set once at start-up (STYLE 2.7): C-STORE data sets are written
         # to a temporary file as they arrive instead of being held in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # STYLE 2.6: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO by default (patient data).
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(ae_title="DICOMFLOW")
         ae.maximum_associations = self.settings.max_associations
         ae.acse_timeout = self.settings.acse_timeout
