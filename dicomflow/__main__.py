@@ -13,8 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
+from dicomflow import db as db_cli
+from dicomflow import fsck as fsck_cli
 from dicomflow.app import create_app
 from dicomflow.audit import cli as audit_cli
+from dicomflow.index.migrate import SchemaVersionError
 from dicomflow.settings import load_settings
 
 
@@ -73,13 +76,17 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logger.info("dicomflow serving DICOMweb on http://%s:%d/dicomweb, data in %s", settings.http.host,
                 settings.http.port, settings.data_dir.resolve())
-    web.run_app(create_app(settings), host=settings.http.host, port=settings.http.port, print=None,
-                access_log=None)
+    try:
+        web.run_app(create_app(settings), host=settings.http.host, port=settings.http.port, print=None,
+                    access_log=None)
+    except SchemaVersionError as exc:  # refuse to run against another schema version
+        logger.error("not serving: %s", exc)
+        return 2
     return 0
 
 
 #: ``register(subparsers)`` functions of command groups living in their own modules
-_SUBCOMMANDS: list[Callable[[Any], None]] = [audit_cli.register]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [audit_cli.register, db_cli.register, fsck_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

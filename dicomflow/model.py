@@ -39,6 +39,7 @@ class Protocol(StrEnum):
     DICOMWEB = "dicomweb"
     DIMSE = "dimse"
     IMPORT = "import"
+    MAINTENANCE = "maintenance"  # dicomflow fsck and other operator tools
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,101 @@
+"""``dicomflow db upgrade`` and ``dicomflow db check``: the index schema version (see index/migrate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicomflow.index import migrate
+from dicomflow.index.schema import SCHEMA_VERSION
+from dicomflow.index.sql import make_engine
+from dicomflow.settings import load_settings
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "<index URL>"
+
+
+def _index_url(args: argparse.Namespace) -> str:
+    if args.index:
+        return str(args.index)
+    settings = load_settings(args.config, data_dir=args.data_dir)
+    if settings.index is None:  # the embedded default: its folder may not exist yet
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings.index_url
+
+
+async def _upgrade(url: str) -> migrate.UpgradeResult:
+    engine = make_engine(url)
+    try:
+        return await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _version(url: str) -> int | None:
+    engine = make_engine(url)
+    try:
+        return await migrate.read_version(engine)
+    finally:
+        await engine.dispose()
+
+
+def _main_upgrade(args: argparse.Namespace) -> int:
+    try:
+        url = _index_url(args)
+        result = asyncio.run(_upgrade(url))
+    except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"dicomflow db upgrade: {exc}\n")
+        return 1
+    except (SQLAlchemyError, OSError) as exc:
+        sys.stderr.write(f"dicomflow db upgrade: cannot reach the index database: {type(exc).__name__}\n")
+        return 2
+    if result.before is None:
+        sys.stdout.write(f"created the index schema (version {result.after}) in {_safe(url)}\n")
+    elif result.before == result.after:
+        sys.stdout.write(f"the index schema is already at version {result.after}\n")
+    else:
+        sys.stdout.write(f"upgraded the index schema from version {result.before} to {result.after}\n")
+    return 0
+
+
+def _main_check(args: argparse.Namespace) -> int:
+    try:
+        url = _index_url(args)
+        found = asyncio.run(_version(url))
+    except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"dicomflow db check: {exc}\n")
+        return 1
+    except (SQLAlchemyError, OSError) as exc:
+        sys.stderr.write(f"dicomflow db check: cannot reach the index database: {type(exc).__name__}\n")
+        return 2
+    problem = migrate.describe(found)
+    if problem is not None:
+        sys.stderr.write(f"dicomflow db check: {problem}\n")
+        return 1
+    sys.stdout.write(f"the index schema is at version {SCHEMA_VERSION}, as this dicomflow expects\n")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """``dicomflow db upgrade|check [--config F] [--index URL]``."""
+    db = sub.add_parser("db", help="index database schema: create, upgrade, check")
+    commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = commands.add_parser("upgrade", help="create the schema or upgrade it to this version")
+    upgrade.set_defaults(func=_main_upgrade)
+    check = commands.add_parser("check", help="exit 0 when the schema is at this version, 1 otherwise")
+    check.set_defaults(func=_main_check)
+    for parser in (upgrade, check):
+        parser.add_argument("--config", type=Path, help="YAML settings file")
+        parser.add_argument("--data-dir", type=Path)
+        parser.add_argument("--index", help="index URL (overrides the settings)")
