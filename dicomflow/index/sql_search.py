@@ -231,8 +231,14 @@ class SqlSearch:
                     .scalar_subquery().label("p_instances"),
                 ).order_by(S.patient_id, S.issuer_of_patient_id, S.updated_at.desc(), S.study_uid)
             else:
-                stmt = stmt.order_by(sa.nulls_last(S.study_date.desc()), sa.nulls_last(S.study_time.desc()),
-                                     S.study_uid)
+                # newest first, undated last. With filters, order by an expression so that the planner
+                # picks the index of the WHERE terms rather than walking ix_studies_study_date.
+                if plan.where:
+                    stmt = stmt.order_by(sa.func.coalesce(S.study_date, "").desc(),
+                                         sa.func.coalesce(S.study_time, "").desc(), S.study_uid)
+                else:
+                    stmt = stmt.order_by(sa.nulls_last(S.study_date.desc()), sa.nulls_last(S.study_time.desc()),
+                                         S.study_uid)
         elif level is Level.SERIES:
             stmt = (sa.select(SE.series_uid, SE.study_uid, SE.attrs_json.label("series_json"),
                               SE.num_instances.label("series_instances"), S.attrs_json, S.modalities_in_study,
