@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, ClientConnectionError, web
+from aiohttp import BodyPartReader, ClientConnectionError, ClientPayloadError, web
 
 from dicomflow.appkeys import AUDIT_STUDIES, INGEST
 from dicomflow.dicomweb.common import (
@@ -114,6 +114,9 @@ def response_body(root: str, stored: list[StoreOutcome], failed: list[_Failure])
     return body
 
 
+_BODY_CUT = (ConnectionError, ClientConnectionError, ClientPayloadError, asyncio.IncompleteReadError)
+_INCOMPLETE = "request body incomplete: connection closed before the closing boundary"
+
 #: PS3.10 7.1: 128-byte preamble and "DICM" prefix
 PART10_PREFIX = b"\0" * 128 + b"DICM"
 
@@ -172,6 +175,11 @@ async def stow(request: web.Request) -> web.Response:
                 raise InvalidRequestError("malformed multipart body") from exc
             failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point"))
             break
+        except _BODY_CUT as exc:
+            if not parts:
+                raise InvalidRequestError(_INCOMPLETE) from exc
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE))
+            break
         if part is None:
             break
         parts += 1
@@ -193,8 +201,12 @@ async def stow(request: web.Request) -> web.Response:
             logger.warning("STOW tenant=%s part=%d failed %04X: %s", tenant, parts, exc.dimse_status,
                            exc.detail)
             failed.append(_Failure(exc.dimse_status, exc.detail, exc.sop_class_uid, exc.sop_instance_uid))
-        except (ConnectionError, ClientConnectionError, asyncio.IncompleteReadError):
-            raise  # the client went away: nothing to answer; the spool was discarded
+        except _BODY_CUT:
+            # the peer closed the connection or sent less than Content-Length: this part is dropped (its
+            # spool discarded); instances stored before it are reported, though the peer may be gone
+            logger.info("STOW tenant=%s part=%d: request body ended early", tenant, parts)
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE))
+            break
         except Exception:  # a bug or backend fault: report this instance, keep the others' outcomes
             logger.exception("STOW tenant=%s part=%d failed unexpectedly", tenant, parts)
             failed.append(_Failure(FAILURE_PROCESSING, "internal error while storing the instance"))
