@@ -1,4 +1,5 @@
-"""IndexStore.search on the SQLite index: SQL and post-filter paths, paging, levels, tenancy, charsets."""
+"""IndexStore.search on SQLite (and PostgreSQL, marked integration): SQL and post-filter paths, paging,
+levels, tenancy, character sets."""
 
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ async def _store(index: SqlIndexStore, tmp: Path, ds: Dataset, tenant: str = "de
                                policy=DuplicatePolicy.REJECT, extra_tags=EXTRA)
 
 
-@pytest.fixture
-async def index(tmp_path: Path) -> AsyncIterator[SqlIndexStore]:
-    store = await SqlIndexStore.open(f"sqlite:///{tmp_path / 'index.sqlite'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+async def index(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlIndexStore]:
+    if request.param == "sqlite":
+        store = await SqlIndexStore.open(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    else:
+        store = await SqlIndexStore.open(request.getfixturevalue("pg_url"), create_schema=True)
     # Study A: CT series (3 instances) + MR series (1), Doe^John
     for i in range(1, 4):
         await _store(store, tmp_path, make_dataset(
