@@ -101,7 +101,8 @@ async def test_study_becomes_imagingstudy_and_patient_matching_golden(
 
     study, patient = await read_back(fhir_server, STUDY)
     assert patient is not None
-    refs = {"Patient/{patient}": study["subject"]["reference"], "Endpoint/{endpoint}": study["endpoint"][0]["reference"]}
+    refs = {"Patient/{patient}": study["subject"]["reference"],
+            "Endpoint/{endpoint}": study["endpoint"][0]["reference"]}
     ImagingStudy.model_validate(study)
     Patient.model_validate(patient)
     assert normalize(study, refs) == json.loads((GOLDEN / "imagingstudy-default.ImagingStudy.json").read_text())
