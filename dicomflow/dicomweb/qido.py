@@ -79,6 +79,9 @@ async def _search(request: web.Request, level: Level) -> web.Response:
         level, request.rel_url.query.items(), study_uid=study, series_uid=series,
         pn_case_insensitive=tenant_settings.pn_case_insensitive, extra_tags=extra_tags_for(tenant_settings),
         default_limit=settings.limits.qido_default_limit, max_limit=settings.limits.qido_max_limit)
+    charset = request.rel_url.query.get("charset")
+    if charset is not None and not {c.strip().lower() for c in charset.split(",")} & {"utf-8", "*"}:
+        warnings.append("DICOM JSON responses are always UTF-8 (PS3.18 F.2); charset ignored")
     wanted = query.return_tags()
     add_url = wanted is None or RETRIEVE_URL in wanted
     root = dicomweb_root(request)

@@ -194,6 +194,9 @@ def _study_computed(row: Any) -> dict[str, Any]:
         computed[MODALITIES_IN_STUDY] = {"vr": "CS", "Value": row.modalities_in_study.split("\\")}
     else:
         computed[MODALITIES_IN_STUDY] = {"vr": "CS"}
+    sop_classes = getattr(row, "sop_classes", None)
+    if sop_classes:
+        computed[SOP_CLASSES_IN_STUDY] = {"vr": "UI", "Value": sorted(sop_classes.split(","))}
     return computed
 
 
@@ -262,6 +265,16 @@ class SqlSearch:
                 stmt = stmt.where(I.series_uid == query.series_uid)
         if level is Level.SERIES and query.series_uid is not None:
             stmt = stmt.where(SE.series_uid == query.series_uid)
+        wanted = query.return_tags()
+        if level is not Level.PATIENT and (SOP_CLASSES_IN_STUDY in (wanted or ()) or
+                                           (wanted is None and level is Level.STUDY)):
+            i3 = t.instances.alias("i3")
+            # SOP Classes in Study (0008,0062), PS3.4 C.6.1.1.2: UIDs hold no comma, the separator of both
+            # SQLite's group_concat(DISTINCT) and string_agg here
+            agg = (sa.func.string_agg(sa.distinct(i3.c.sop_class_uid), ",") if self.dialect == "postgresql"
+                   else sa.func.group_concat(sa.distinct(i3.c.sop_class_uid)))
+            stmt = stmt.add_columns(sa.select(agg).where(i3.c.tenant == S.tenant, i3.c.study_uid == S.study_uid)
+                                    .scalar_subquery().label("sop_classes"))
         return stmt.where(*plan.where), plan.post
 
     # -- execution --------------------------------------------------------------------------------

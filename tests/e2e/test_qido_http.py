@@ -64,6 +64,13 @@ async def test_percent_encoded_values_are_decoded(stored: Any) -> None:
     assert resp.status == 200 and len(await resp.json()) == 1
 
 
+async def test_other_charsets_are_refused_with_a_warning(stored: Any) -> None:
+    resp = await stored.get("/dicomweb/studies?charset=ISO-8859-1")
+    assert resp.status == 200 and "UTF-8" in resp.headers["Warning"]
+    resp = await stored.get("/dicomweb/studies?charset=utf-8")
+    assert resp.status == 200 and "Warning" not in resp.headers
+
+
 async def test_zero_results_is_204_without_body(stored: Any) -> None:
     resp = await stored.get("/dicomweb/studies?PatientID=nobody")
     assert resp.status == 204  # PS3.18 Table 10.6.3-1

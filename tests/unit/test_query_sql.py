@@ -173,6 +173,14 @@ async def test_character_sets_come_back_decoded(index: SqlIndexStore) -> None:
     assert value(latin1[0], "00100010") == {"Alphabetic": "Müller^Hans"}
 
 
+async def test_sop_classes_in_study_is_computed_and_matchable(index: SqlIndexStore) -> None:
+    found, _ = await run(index, q(Level.STUDY, ("SOPClassesInStudy", MR_IMAGE), ("includefield", "SOPClassesInStudy")))
+    assert uids(found) == [STUDY_A, STUDY_B]
+    assert found[0]["00080062"] == {"vr": "UI", "Value": sorted([MR_IMAGE, "1.2.840.10008.5.1.4.1.1.2"])}
+    plain, _ = await run(index, q(Level.STUDY, ("StudyInstanceUID", STUDY_A)))
+    assert "00080062" not in plain[0]  # not a default attribute: only computed when asked for
+
+
 async def test_series_scoped_and_relational(index: SqlIndexStore) -> None:
     scoped, _ = await run(index, q(Level.SERIES, study_uid=STUDY_A))
     assert uids(scoped, "0020000E") == [f"{STUDY_A}.1", f"{STUDY_A}.2"]
