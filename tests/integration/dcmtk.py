@@ -111,11 +111,24 @@ def dimse_server(live_server_factory: Any, tmp_path: Path, **overrides: Any) -> 
     return server
 
 
+#: storescu option proposing a transfer syntax (dcmtk 3.6.7 storescu --help)
+PROPOSE = {
+    "1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.100": "-xm",
+}
+
+
 def storescu(server: LiveServer, files: list[Path], called: str = "DICOMFLOW") -> None:
-    """Store files with dcmtk's storescu over one association; fail the test unless all succeed."""
-    proc = run(["storescu", "-aec", called, "-aet", "STORESCU", "+sd", "-R",
-                "127.0.0.1", str(server.settings.dimse.port), *map(str, files)])
-    assert proc.returncode == 0, proc.stderr
+    """Store files with dcmtk's storescu, one association per transfer syntax; all must succeed."""
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        groups.setdefault(transfer_syntax(f), []).append(f)
+    for ts, group in groups.items():
+        proc = run(["storescu", "-aec", called, "-aet", "STORESCU", "-R", PROPOSE[ts],
+                    "127.0.0.1", str(server.settings.dimse.port), *map(str, group)])
+        assert proc.returncode == 0, proc.stderr
 
 
 def write_instances(folder: Path, datasets: list[Dataset]) -> list[Path]:

@@ -1,0 +1,234 @@
+"""C-MOVE SCP (PS3.4 C.4.2) driven by dcmtk's movescu, with a storescp started by each test as destination."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, ImplicitVRLittleEndian, RLELossless, generate_uid
+
+from dicomflow.settings import RemoteNode, TenantSettings
+from tests.conftest import LiveServer
+from tests.factory import MR_IMAGE, make_dataset, store_state
+from tests.integration.dcmtk import (
+    StoreScp,
+    dataset_bytes,
+    dimse_server,
+    run,
+    storescp,
+    storescu,
+    transfer_syntax,
+    write_instances,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _tenants(dest: StoreScp) -> dict[str, TenantSettings]:
+    node = RemoteNode(ae_title=dest.ae_title, host="127.0.0.1", port=dest.port)
+    return {
+        "default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={"dest": node}),
+        "acme": TenantSettings(ae_titles=["ACME"], remote_nodes={"dest": node}),
+        "globex": TenantSettings(ae_titles=["GLOBEX"]),
+    }
+
+
+def movescu(server: LiveServer, keys: list[str], *, dest: str = "DEST", model: str = "-S",
+            called: str = "DICOMFLOW", extra: tuple[str, ...] = ()) -> str:
+    args = ["movescu", "-v", model, "-aec", called, "-aet", "MOVESCU", "-aem", dest, *extra]
+    for key in keys:
+        args += ["-k", key]
+    proc = run([*args, "127.0.0.1", str(server.settings.dimse.port)])
+    return proc.stdout + proc.stderr
+
+
+def stored(server: LiveServer) -> dict[str, bytes]:
+    """SOP Instance UID -> the Part 10 bytes the server stored."""
+    root = Path(urlparse(server.settings.storage_url).path)
+    return {sop: (root / key).read_bytes() for _t, _s, _se, sop, key in store_state(server.settings).instances}
+
+
+def _rle(**kwargs: Any) -> Dataset:
+    ds = make_dataset(**kwargs)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    return ds
+
+
+def _video(**kwargs: Any) -> Dataset:
+    """An MPEG-2 encoded instance: nothing here can decode it, so it can only be sent as stored."""
+    ds = make_dataset(pixels=False, **kwargs)
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 16, 16, 3, 8
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.NumberOfFrames = 8, 7, 0, 1
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "YBR_PARTIAL_420", 0
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(96)])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def _final(output: str) -> str:
+    found = re.findall(r"Received Final Move Response \(([^)]*)\)", output)
+    assert found, output
+    return str(found[-1])
+
+
+def test_move_study_byte_exact_as_stored(live_server_factory: Any, tmp_path: Path) -> None:
+    study = generate_uid()
+    series = generate_uid()
+    datasets = [
+        make_dataset(study_uid=study, series_uid=series, instance_number=1),
+        _rle(study_uid=study, series_uid=series, instance_number=2),
+        make_dataset(study_uid=study, series_uid=series, instance_number=3, transfer_syntax=ImplicitVRLittleEndian),
+        make_dataset(study_uid=study, instance_number=1, sop_class=MR_IMAGE, modality="MR", series_number=2),
+        make_dataset(patient_id="OTHER-9"),  # another study: not moved
+    ]
+    with storescp(tmp_path / "recv", "DEST", "+xa") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", datasets))
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"])
+        files = dest.wait_files(4)
+    assert _final(output) == "Success", output
+    assert len(files) == 4
+    originals = stored(server)
+    received = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
+    assert set(received) == {ds.SOPInstanceUID for ds in datasets[:4]}
+    for sop, path in received.items():
+        assert transfer_syntax(path) == pydicom.dcmread(
+            io.BytesIO(originals[sop]), stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert dataset_bytes(path) == dataset_bytes(originals[sop])  # PS3.4 C.4.2: the instance as stored
+
+
+def test_move_series_and_image_lists_patient_root(live_server_factory: Any, tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    datasets = [make_dataset(study_uid=study, series_uid=series, instance_number=n, patient_id="PID-7")
+                for n in range(1, 5)]
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", datasets))
+        wanted = f"{datasets[0].SOPInstanceUID}\\{datasets[2].SOPInstanceUID}"
+        output = movescu(server, ["QueryRetrieveLevel=IMAGE", "PatientID=PID-7", f"StudyInstanceUID={study}",
+                                  f"SeriesInstanceUID={series}", f"SOPInstanceUID={wanted}"], model="-P")
+        files = dest.wait_files(2)
+        assert _final(output) == "Success", output
+        assert {pydicom.dcmread(f).SOPInstanceUID for f in files} == {datasets[0].SOPInstanceUID,
+                                                                       datasets[2].SOPInstanceUID}
+        output = movescu(server, ["QueryRetrieveLevel=PATIENT", "PatientID=PID-7"], model="-P")
+        assert _final(output) == "Success", output
+        assert len(dest.wait_files(4)) == 4  # the two already received are written again under the same name
+
+
+def test_transcoded_only_when_destination_accepts_nothing_better(live_server_factory: Any, tmp_path: Path) -> None:
+    ds = _rle(instance_number=5)
+    with storescp(tmp_path / "recv", "DEST", "+xi") as dest:  # Implicit VR Little Endian only
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [ds]))
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"])
+        [file] = dest.wait_files(1)
+    assert _final(output) == "Success", output
+    got = pydicom.dcmread(file)
+    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    original = make_dataset(instance_number=5)
+    assert np.array_equal(got.pixel_array, original.pixel_array)
+    assert got.SOPInstanceUID == ds.SOPInstanceUID  # PS3.4: a lossless conversion keeps the instance's identity
+
+
+def test_unknown_destination_is_a801(live_server_factory: Any, tmp_path: Path) -> None:
+    ds = make_dataset()
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [ds]))
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"],
+                         dest="NOWHERE")
+        assert "MoveDestinationUnknown" in _final(output), output
+        # GLOBEX has no remote nodes: DEST is unknown to that tenant
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"],
+                         called="GLOBEX")
+        assert "MoveDestinationUnknown" in _final(output), output
+        assert dest.files() == []
+
+
+def test_some_failed_b000_all_failed_a702(live_server_factory: Any, tmp_path: Path) -> None:
+    study = generate_uid()
+    good = make_dataset(study_uid=study, instance_number=1)
+    video = _video(study_uid=study, instance_number=2)
+    video_only = _video(instance_number=3)
+    with storescp(tmp_path / "recv", "DEST") as dest:  # uncompressed only: the video cannot be sent
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [good, video, video_only]))
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"])
+        assert _final(output).startswith("Warning"), output  # 0xB000 Sub-operations Complete - One or more Failures
+        assert [pydicom.dcmread(f).SOPInstanceUID for f in dest.wait_files(1)] == [good.SOPInstanceUID]
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={video_only.StudyInstanceUID}"])
+        # dcmtk's name for 0xA702 Refused: Out of Resources - Unable to perform sub-operations
+        assert _final(output) == "Refused: OutOfResourcesSubOperations", output
+
+
+def test_tenant_moves_only_its_own_instances(live_server_factory: Any, tmp_path: Path) -> None:
+    ds = make_dataset()
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [ds]))  # stored for the default tenant
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"],
+                         called="ACME")
+        assert _final(output) == "Success", output
+        assert dest.files() == []
+
+
+def test_cancel_stops_sub_operations(live_server_factory: Any, tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    datasets = [make_dataset(study_uid=study, series_uid=series, instance_number=n, rows=64, columns=64)
+                for n in range(60)]
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", datasets))
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], extra=("--cancel", "3"))
+        assert "Cancel" in _final(output), output
+        assert 3 <= len(dest.wait_files(3, timeout=3)) < 60
+
+
+def test_bad_identifier_fails(live_server_factory: Any, tmp_path: Path) -> None:
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        output = movescu(server, ["QueryRetrieveLevel=SERIES", "SeriesInstanceUID=1.2.3"])  # no Study UID
+        assert _final(output).startswith("Failed"), output
+        assert dest.files() == []
+
+
+
+
+def test_pending_responses_count_sub_operations(live_server_factory: Any, tmp_path: Path) -> None:
+    """pynetdicom as the SCU reads the counters of every response (PS3.4 C.4.2.1.5 / C.4.2.3.1)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    study = generate_uid()
+    good = [make_dataset(study_uid=study, instance_number=n) for n in (1, 2)]
+    video = _video(study_uid=study, instance_number=3)
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [*good, video]))
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", server.settings.dimse.port, ae_title="DICOMFLOW")
+        assert assoc.is_established
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study
+        responses = list(assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove))
+        assoc.release()
+    statuses = [status for status, _ in responses]
+    pending = [s for s in statuses if s.Status == 0xFF00]
+    assert [int(s.NumberOfRemainingSuboperations) for s in pending] == [2, 1, 0]
+    final, final_identifier = responses[-1]
+    assert final.Status == 0xB000
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+            final.NumberOfWarningSuboperations) == (2, 1, 0)
+    assert final_identifier is not None and final_identifier.FailedSOPInstanceUIDList == video.SOPInstanceUID
