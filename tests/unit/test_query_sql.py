@@ -22,6 +22,7 @@ from dicomflow.settings import DuplicatePolicy
 from tests.factory import MR_IMAGE, make_dataset, to_bytes
 
 STUDY_A, STUDY_B, STUDY_C = "1.2.826.0.1.1", "1.2.826.0.1.2", "1.2.826.0.1.3"
+JAPANESE_STUDY = "1.3.6.1.4.1.5962.1.2.0.1175775771.5702.0"
 EXTRA = frozenset({"00181030"})  # ProtocolName as a per-tenant extra indexed attribute
 
 
@@ -267,3 +268,29 @@ async def test_early_close_stops_the_stream(index: SqlIndexStore) -> None:
     assert first["00080018"]
     with pytest.raises(StopAsyncIteration):
         await results.__anext__()
+
+
+async def test_c_find_round_trip_through_pydicom_datasets(index: SqlIndexStore) -> None:
+    """The C-FIND path: identifier Dataset -> JSON -> Query -> matches -> Datasets encoded in UTF-8."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+
+    identifier = Dataset()
+    identifier.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientName = "=山田*"  # ideographic group only
+    identifier.StudyInstanceUID = ""
+    identifier.ModalitiesInStudy = ""
+    found, _ = await run(index, query_from_identifier(identifier.to_json_dict(), Level.STUDY))
+    assert len(found) == 1
+    response = Dataset.from_json(found[0])
+    response.SpecificCharacterSet = "ISO_IR 192"  # the decoded text is re-encoded by the adapter
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = True, True
+    write_dataset(buffer, response)  # implicit VR little endian, as on the wire
+    buffer.seek(0)
+    decoded = read_dataset(buffer, is_implicit_VR=True, is_little_endian=True)
+    decoded.decode()
+    assert decoded.PatientName.ideographic == "山田^太郎"
+    assert decoded.ModalitiesInStudy == "OT" and decoded.StudyInstanceUID == JAPANESE_STUDY
