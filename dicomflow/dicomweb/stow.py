@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, ClientConnectionError, ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from dicomflow.appkeys import AUDIT_STUDIES, INGEST
 from dicomflow.dicomweb.common import (
@@ -69,12 +70,19 @@ def _check_request_type(request: web.Request) -> None:
         raise InvalidRequestError("multipart/related Content-Type has no boundary")
 
 
+class MultipartSyntaxError(InvalidRequestError):
+    """A body part that is not valid multipart (RFC 2046 5.1): bad syntax, not a bad instance."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Failure:
     reason: int
     detail: str
     sop_class_uid: str | None = None
     sop_instance_uid: str | None = None
+    #: the HTTP status this failure alone would get (400 for a multipart syntax error)
+    http_status: int = 409
+    retryable: bool = False
 
 
 def _failure_item(f: _Failure) -> dict[str, Any]:
@@ -145,11 +153,14 @@ async def _store_part(request: web.Request, part: BodyPartReader, tenant: str, s
                 await spool.write(head)
             while chunk := await part.read_chunk(PART_CHUNK):
                 await spool.write(chunk)
-        except (ValueError, AssertionError) as exc:
-            raise InvalidRequestError("malformed multipart part") from exc
+        except (ValueError, AssertionError, HttpProcessingError) as exc:
+            raise MultipartSyntaxError("malformed multipart part") from exc
         except PayloadTooLargeError:
             await part.release()
             raise
+        if not part.at_eof():
+            # RFC 2046 5.1.1: a part ends at the next delimiter; the body ended first, so it may be cut
+            raise MultipartSyntaxError("multipart body ends without a closing boundary")
         return await ingest.store(tenant, spool, source=source, expected_study_uid=study)
 
 
@@ -163,22 +174,23 @@ async def stow(request: web.Request) -> web.Response:
     failed: list[_Failure] = []
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise InvalidRequestError("malformed multipart body") from exc
 
     parts = 0
     while True:
         try:
             part = await reader.next()
-        except (ValueError, AssertionError) as exc:
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # bad boundary or part headers
             if not parts:
                 raise InvalidRequestError("malformed multipart body") from exc
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point"))
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point",
+                                   http_status=400))
             break
         except _BODY_CUT as exc:
             if not parts:
                 raise InvalidRequestError(_INCOMPLETE) from exc
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE))
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE, http_status=400))
             break
         if part is None:
             break
@@ -200,12 +212,15 @@ async def stow(request: web.Request) -> web.Response:
             # each failed instance becomes one FailedSOPSequence item (PS3.18 10.5.3, Annex I)
             logger.warning("STOW tenant=%s part=%d failed %04X: %s", tenant, parts, exc.dimse_status,
                            exc.detail)
-            failed.append(_Failure(exc.dimse_status, exc.detail, exc.sop_class_uid, exc.sop_instance_uid))
+            syntax = isinstance(exc, MultipartSyntaxError)
+            failed.append(_Failure(exc.dimse_status, exc.detail, exc.sop_class_uid, exc.sop_instance_uid,
+                                   http_status=400 if syntax else exc.http_status if exc.http_status == 413 else 409,
+                                   retryable=exc.retryable))
         except _BODY_CUT:
             # the peer closed the connection or sent less than Content-Length: this part is dropped (its
             # spool discarded); instances stored before it are reported, though the peer may be gone
             logger.info("STOW tenant=%s part=%d: request body ended early", tenant, parts)
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE))
+            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE, http_status=400))
             break
         except Exception:  # a bug or backend fault: report this instance, keep the others' outcomes
             logger.exception("STOW tenant=%s part=%d failed unexpectedly", tenant, parts)
@@ -219,10 +234,15 @@ async def stow(request: web.Request) -> web.Response:
     warned = sum(1 for o in stored if o.warning is not None)
     status = stow_status(len(stored), warned, len(failed))
     headers: dict[str, str] = {}
-    if failed and not stored and all(f.reason & 0xFF00 == 0xA700 for f in failed):
-        # PS3.18 8.5: every instance was refused for lack of resources: 503 tells the client to retry
-        status = 503
-        headers["Retry-After"] = "5"
+    if failed and not stored:
+        if all(f.retryable for f in failed):
+            # PS3.18 8.5: every instance was refused for lack of resources: 503 tells the client to retry
+            status = 503
+            headers["Retry-After"] = "5"
+        elif all(f.http_status == 400 for f in failed):
+            status = 400  # PS3.18 Table 10.5.3-1: nothing stored because of bad (multipart) syntax
+        elif all(f.http_status == 413 for f in failed):
+            status = 413  # RFC 9110 15.5.14: every instance is larger than this server accepts
     if failed:
         details = "; ".join(sorted({f.detail for f in failed}))[:500]
         headers["Warning"] = f'299 dicomflow "{len(failed)} instance(s) failed: {details}"'
