@@ -133,6 +133,8 @@ _TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 MAX_VALUE_LENGTH = 1024
+#: Largest limit/offset accepted (keeps values within every database's integer range)
+MAX_COUNT = 2**31 - 1
 
 
 def attribute_level(tag: str) -> Level:
@@ -369,7 +371,10 @@ def _parse_bool(name: str, value: str) -> bool:
 def _parse_count(name: str, value: str) -> int:
     if not value.strip().isdigit():
         raise InvalidQueryError(f"{name} must be a non-negative integer")
-    return int(value)
+    number = int(value)
+    if number > MAX_COUNT:
+        raise InvalidQueryError(f"{name} must be at most {MAX_COUNT}")
+    return number
 
 
 def _split_values(vr: str, value: str) -> list[str]:

@@ -107,6 +107,7 @@ async def test_tenants_and_unknown_tenants(stored: Any) -> None:
     ("/dicomweb/series?SeriesInstanceUID=1.2.*", "not a UID"),
     ("/dicomweb/studies?limit=ten", "limit"),
     ("/dicomweb/studies?offset=-3", "offset"),
+    ("/dicomweb/studies?offset=99999999999999999999999", "offset must be at most"),
     ("/dicomweb/studies?fuzzymatching=maybe", "fuzzymatching"),
     ("/dicomweb/studies?includefield=NoSuchKeyword", "unknown attribute"),
     ("/dicomweb/instances?InstanceNumber=first", "not a number"),
