@@ -14,6 +14,7 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from functools import partial
 from typing import cast
 
@@ -49,6 +50,10 @@ FAILURE_CLASS_INSTANCE_CONFLICT = 0x0119
 FAILURE_PROCESSING = 0x0110
 
 _message_ids = itertools.count(1)
+#: seconds to wait for the N-EVENT-REPORT response on the requesting association
+SAME_ASSOCIATION_WAIT = 5.0
+#: seconds a requestor has to release after the N-ACTION response before we report on its association
+RELEASE_GRACE = 0.2
 
 
 def handlers(ctx: DimseContext) -> list[EventHandler]:
@@ -144,17 +149,25 @@ def report(ctx: DimseContext, assoc: Association, tenant: str, transaction: str,
         stored = None
     event_type, info = event_information(transaction, refs, stored)
     failed = len(info.get("FailedSOPSequence", []))
-    if assoc.is_established:
+    # A modality that wants the report on a new association releases right after the N-ACTION response
+    # (pynetdicom, for one, ignores an N-EVENT-REPORT that arrives while it releases): give it a moment.
+    time.sleep(RELEASE_GRACE)
+    if assoc.is_established and assoc.dul.state_machine.current_state == "Sta6":  # PS3.8 9.2: idle
+        previous = assoc.dimse_timeout
+        assoc.dimse_timeout = min(previous or SAME_ASSOCIATION_WAIT, SAME_ASSOCIATION_WAIT)
         try:
             status, _ = assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT_PUSH_MODEL,
                                                   STORAGE_COMMITMENT_INSTANCE, msg_id=_next_message_id())
-            if status is not None and status.get("Status") is not None:
-                logger.info("storage commitment reported tenant=%s transaction=%s failed=%d on assoc=%s "
-                            "status=0x%04X", tenant, transaction, failed, assoc.name, status.Status)
-                return bool(status.Status == SUCCESS)
-        except Exception:
-            logger.info("storage commitment: requesting association gone, reporting on a new one",
-                        exc_info=True)
+            code = status.get("Status") if status is not None else None
+        except RuntimeError:  # released in the meantime: nothing was sent
+            code = None
+        finally:
+            assoc.dimse_timeout = previous
+        if code is not None:
+            logger.info("storage commitment reported tenant=%s transaction=%s failed=%d on assoc=%s "
+                        "status=0x%04X", tenant, transaction, failed, assoc.name, code)
+            return bool(code == SUCCESS)
+        logger.info("storage commitment: no answer on assoc=%s, reporting on a new association", assoc.name)
     return report_on_new_association(ctx, tenant, calling_ae_of(assoc), called_ae_of(assoc), transaction,
                                      event_type, info)
 
