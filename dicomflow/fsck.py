@@ -225,7 +225,9 @@ async def _repair(index: SqlIndexStore, blobs: BlobStore, report: FsckReport, *,
                            ("size_mismatches", report.size_mismatches)):
             for row in rows:
                 with contextlib.suppress(NotFoundError):  # deleted meanwhile
-                    await index.delete(row.tenant, row.study_uid, row.series_uid, row.sop_uid, source=FSCK_SOURCE)
+                    for key in await index.delete(row.tenant, row.study_uid, row.series_uid, row.sop_uid,
+                                                  source=FSCK_SOURCE):
+                        await blobs.delete(key)  # what is left of a damaged blob
                 repaired[kind] = repaired.get(kind, 0) + 1
     elif report.rows_without_blobs or report.size_mismatches:
         report.notes.append("index rows whose blob is missing or damaged were kept: restore the blobs from a "

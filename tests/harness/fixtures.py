@@ -71,3 +71,40 @@ def s3_shared_bucket(seaweed: SeaweedS3) -> str:
 def s3_options(seaweed: SeaweedS3, s3_shared_bucket: str) -> S3Options:
     """Options for an S3 blob store under a prefix of this test's own in the session bucket."""
     return seaweed.options(s3_shared_bucket, prefix=f"t-{uuid.uuid4().hex[:12]}/", part_size=5 * 1024**2)
+
+
+def scaleout_overrides(pg_url: str, seaweed: SeaweedS3, bucket: str, prefix: str) -> dict[str, object]:
+    """Settings overrides for the scale-out backends: PostgreSQL index, S3 blobs on SeaweedFS."""
+    return {
+        "index": pg_url,
+        "storage": f"s3://{bucket}/{prefix}",
+        "s3": {"endpoint_url": seaweed.endpoint, "access_key_id": seaweed.access_key,
+               "secret_access_key": seaweed.secret_key, "path_style": True, "max_attempts": 3,
+               "connect_timeout": 2.0, "read_timeout": 20.0},
+    }
+
+
+@pytest.fixture(params=["sqlite+file", pytest.param("postgresql+s3", marks=pytest.mark.integration)])
+def backend_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
+    """``make_settings`` overrides for each pair of backends: the embedded default, and scale-out
+    (a fresh PostgreSQL database with the schema created as ``dicomflow db upgrade`` does, a fresh
+    S3 prefix)."""
+    if request.param == "sqlite+file":
+        return {}
+    from dicomflow.index import migrate
+    from dicomflow.index.sql import make_engine
+    from tests.harness.postgres import run_async
+
+    pg_url: str = request.getfixturevalue("pg_url")
+
+    async def create() -> None:
+        engine = make_engine(pg_url)
+        try:
+            await migrate.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    run_async(create())
+    seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
+    bucket: str = request.getfixturevalue("s3_shared_bucket")
+    return scaleout_overrides(pg_url, seaweed, bucket, f"t-{uuid.uuid4().hex[:12]}")
