@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from dicomflow.appkeys import INDEX, OFFLOADER, SETTINGS
+from dicomflow.appkeys import INDEX, SETTINGS
 from dicomflow.dicomweb.common import (
     DICOM_JSON,
     RouteAdder,
@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 #: Media types a QIDO-RS response can take (PS3.18 10.6.3.2: DICOM JSON; XML is not offered).
 _ACCEPTABLE = frozenset({DICOM_JSON, "application/json", "application/*", "*/*"})
-#: Above this many matches the JSON is serialized off the event loop.
-_OFFLOAD_SERIALIZE = 200
 
 
 def _check_accept(request: web.Request) -> None:
@@ -85,7 +83,9 @@ async def _search(request: web.Request, level: Level) -> web.Response:
     wanted = query.return_tags()
     add_url = wanted is None or RETRIEVE_URL in wanted
     root = dicomweb_root(request)
-    matches: list[dict[str, Any]] = []
+    # Each match is serialized as it arrives (text is several times smaller than the dicts); the body is
+    # sent once complete because the status (204) and the truncation Warning must precede it.
+    matches: list[str] = []
     results = request.app[INDEX].search(tenant, query)
     async with results:
         async for match in results:
@@ -94,7 +94,7 @@ async def _search(request: web.Request, level: Level) -> web.Response:
                 if url is not None:
                     match[RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
                     match = dict(sorted(match.items()))
-            matches.append(match)
+            matches.append(json.dumps(match, ensure_ascii=False, separators=(",", ":")))
     if results.truncated:
         # PS3.18 10.6.3.1 / 8.3.4.4: more results are available than were returned
         warnings.append(f"more results match than limit={query.limit} allows; use offset="
@@ -106,12 +106,8 @@ async def _search(request: web.Request, level: Level) -> web.Response:
                  results.truncated)
     if not matches:
         return web.Response(status=204, headers=headers)  # PS3.18 Table 10.6.3-1: zero results
-    if len(matches) > _OFFLOAD_SERIALIZE:
-        body = await request.app[OFFLOADER].run(json.dumps, matches, ensure_ascii=False)
-    else:
-        body = json.dumps(matches, ensure_ascii=False)
     headers["Content-Type"] = f"{DICOM_JSON}; charset=utf-8"
-    return web.Response(status=200, body=body.encode("utf-8"), headers=headers)
+    return web.Response(status=200, body=("[" + ",".join(matches) + "]").encode("utf-8"), headers=headers)
 
 
 async def search_studies(request: web.Request) -> web.Response:
