@@ -707,10 +707,15 @@ def _filter_sequence(element: Mapping[str, Any], item_tags: frozenset[str]) -> d
     return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
 
 
-def build_result(query: Query, sources: Sequence[Mapping[str, Any]], computed: Mapping[str, Any]) -> dict[str, Any]:
-    """One match: the return attributes of ``query`` picked from ``sources`` (lowest level first wins)
-    and ``computed`` attributes, sorted by tag, without bulk data."""
-    wanted = query.return_tags()
+_UNSET: Any = object()
+
+
+def build_result(query: Query, sources: Sequence[Mapping[str, Any]], computed: Mapping[str, Any],
+                 wanted: frozenset[str] | None = _UNSET) -> dict[str, Any]:
+    """One match: the return attributes of ``query`` (``wanted``: its precomputed ``return_tags()``)
+    picked from ``sources`` (lowest level first wins) and ``computed``, sorted by tag, without bulk data."""
+    if wanted is _UNSET:
+        wanted = query.return_tags()
     merged: dict[str, Any] = {}
     for source in reversed(sources):
         merged.update(source)

@@ -279,7 +279,8 @@ class SqlSearch:
 
     # -- execution --------------------------------------------------------------------------------
 
-    def _match(self, query: Query, row: Any, post: list[Condition]) -> dict[str, Any] | None:
+    def _match(self, query: Query, row: Any, post: list[Condition], wanted: frozenset[str] | None
+               ) -> dict[str, Any] | None:
         level = query.level
         ci = query.pn_case_insensitive
         study = _loads(row.attrs_json)
@@ -309,7 +310,7 @@ class SqlSearch:
                 else by_level.get(attribute_level(cond.tag)) or by_level[level]
             if not element_matches(cond, attrs, ignore_case=ci):
                 return None
-        return build_result(query, sources, computed)
+        return build_result(query, sources, computed, wanted)
 
     async def _run(self, tenant: str, query: Query, results: SearchResults) -> AsyncIterator[dict[str, Any]]:
         stmt, post = self.statement(tenant, query)
@@ -321,6 +322,7 @@ class SqlSearch:
             if query.offset:
                 stmt = stmt.offset(query.offset)
         skip = 0 if sql_paging else query.offset
+        wanted = query.return_tags()
         returned = 0
         last_patient: tuple[Any, Any] | None = None
         async with self.engine.connect() as conn:
@@ -331,7 +333,7 @@ class SqlSearch:
                         key = (row.patient_id, row.issuer_of_patient_id)
                         if key == last_patient:
                             continue  # one response per patient (its most recently updated study)
-                    match = self._match(query, row, post)
+                    match = self._match(query, row, post, wanted)
                     if match is None:
                         continue
                     if query.level is Level.PATIENT:
