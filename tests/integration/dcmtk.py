@@ -12,12 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import split_dataset
 
 from tests.conftest import LiveServer, make_settings
+from tests.factory import store_state
 
 #: PS3.15-free but important: without TCP_NODELAY dcmtk waits on delayed ACKs (COMPONENTS.md).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -161,3 +163,9 @@ def findscu(server: LiveServer, out: Path, keys: list[str], *, model: str = "-S"
     proc = run([*args, "127.0.0.1", str(server.settings.dimse.port)])
     files = sorted(out.glob("rsp*.dcm"))
     return FindResult([pydicom.dcmread(f) for f in files], proc)
+
+
+def stored(server: LiveServer) -> dict[str, bytes]:
+    """SOP Instance UID -> the Part 10 bytes the server stored."""
+    root = Path(urlparse(server.settings.storage_url).path)
+    return {sop: (root / key).read_bytes() for _t, _s, _se, sop, key in store_state(server.settings).instances}

@@ -13,8 +13,7 @@ from pydicom.uid import RLELossless, generate_uid
 
 from tests.conftest import LiveServer
 from tests.factory import make_dataset
-from tests.integration.dcmtk import dataset_bytes, dimse_server, run, storescu, write_instances
-from tests.integration.test_dimse_move import stored
+from tests.integration.dcmtk import dataset_bytes, dimse_server, run, stored, storescu, write_instances
 
 pytestmark = pytest.mark.integration
 

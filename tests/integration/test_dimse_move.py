@@ -6,7 +6,6 @@ import io
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pydicom
@@ -17,12 +16,13 @@ from pydicom.uid import MPEG2MPML, ImplicitVRLittleEndian, RLELossless, generate
 
 from dicomflow.settings import RemoteNode, TenantSettings
 from tests.conftest import LiveServer
-from tests.factory import MR_IMAGE, make_dataset, store_state
+from tests.factory import MR_IMAGE, make_dataset
 from tests.integration.dcmtk import (
     StoreScp,
     dataset_bytes,
     dimse_server,
     run,
+    stored,
     storescp,
     storescu,
     transfer_syntax,
@@ -48,12 +48,6 @@ def movescu(server: LiveServer, keys: list[str], *, dest: str = "DEST", model: s
         args += ["-k", key]
     proc = run([*args, "127.0.0.1", str(server.settings.dimse.port)])
     return proc.stdout + proc.stderr
-
-
-def stored(server: LiveServer) -> dict[str, bytes]:
-    """SOP Instance UID -> the Part 10 bytes the server stored."""
-    root = Path(urlparse(server.settings.storage_url).path)
-    return {sop: (root / key).read_bytes() for _t, _s, _se, sop, key in store_state(server.settings).instances}
 
 
 def _rle(**kwargs: Any) -> Dataset:
