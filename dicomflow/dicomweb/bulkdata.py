@@ -14,8 +14,8 @@ from typing import BinaryIO
 from aiohttp import web
 
 from dicomflow.appkeys import BLOBS, OFFLOADER
-from dicomflow.dicomweb.common import RouteAdder
-from dicomflow.dicomweb.media import NATIVE_LE, OCTET_STREAM, parse_accept, requested_parts
+from dicomflow.dicomweb.common import RouteAdder, dicomweb_root, instance_url
+from dicomflow.dicomweb.media import NATIVE_LE, OCTET_STREAM, TS_MEDIA_TYPE, parse_accept, requested_parts
 from dicomflow.dicomweb.multipart_writer import (
     MultipartStream,
     closing,
@@ -23,7 +23,13 @@ from dicomflow.dicomweb.multipart_writer import (
     new_boundary,
     part_header,
 )
-from dicomflow.dicomweb.wado_frames import StoredInstance, load_instance, negotiate_frames, send_frames
+from dicomflow.dicomweb.wado_frames import (
+    StoredInstance,
+    has_pixels,
+    load_instance,
+    negotiate_frames,
+    send_frames,
+)
 from dicomflow.errors import InvalidRequestError, NotAcceptableError, NotFoundError
 from dicomflow.imaging.bulk import read_bulk_value
 from dicomflow.imaging.frames import pixel_value_range
@@ -47,41 +53,50 @@ def _value_range(fh: BinaryIO, offset: int, ts: str) -> tuple[int, int | None]:
         fh.close()
 
 
-async def _single_part(request: web.Request, data: bytes) -> web.StreamResponse:
+def _location(request: web.Request, inst: StoredInstance, path: str) -> str:
+    """The part's Content-Location: the BulkDataURI it answers (PS3.18 8.6.1.2)."""
+    r = inst.record
+    return f"{instance_url(dicomweb_root(request), r.study_uid, r.series_uid, r.sop_uid)}/bulkdata/{path}"
+
+
+async def _single_part(request: web.Request, data: bytes, location: str) -> web.StreamResponse:
     boundary = new_boundary()
     response = web.StreamResponse(status=200)
     response.headers["Content-Type"] = multipart_content_type(OCTET_STREAM, boundary)
-    response.content_length = len(part_header(boundary, _OCTET_PART, len(data))) + len(data) + 2 + len(
+    response.content_length = len(part_header(boundary, _OCTET_PART, len(data), location)) + len(data) + 2 + len(
         closing(boundary))
     await response.prepare(request)
     out = MultipartStream(request, response, boundary, request.app[BLOBS], request.app[OFFLOADER])
-    await out.write_part(_OCTET_PART, data)
+    await out.write_part(_OCTET_PART, data, location)
     await out.close()
     return response
 
 
 async def _pixel_bulk(request: web.Request, inst: StoredInstance, tag: str) -> web.StreamResponse:
     record = inst.record
-    if record.pixel_data_offset is None or tag not in inst.metadata:
+    if not has_pixels(inst) or (tag not in inst.metadata and tag != "7FE00010"):
         raise NotFoundError("no such bulk data")
     choice = negotiate_frames(request, inst)
     stored = record.transfer_syntax_uid
-    if choice.media_type == OCTET_STREAM and stored in NATIVE_LE:
+    if choice.media_type == OCTET_STREAM and stored in NATIVE_LE and record.pixel_data_offset is not None:
         blobs, off = request.app[BLOBS], request.app[OFFLOADER]
         start, length = await off.run(_value_range, await off.run(blobs.open_sync, record.blob_key),
                                       record.pixel_data_offset, stored)
         if length is None:
             raise NotFoundError("no such bulk data")
         boundary = new_boundary()
+        location = _location(request, inst, tag)
         response = web.StreamResponse(status=200)
         response.headers["Content-Type"] = multipart_content_type(OCTET_STREAM, boundary)
-        response.content_length = len(part_header(boundary, _OCTET_PART, length)) + length + 2 + len(
+        response.content_length = len(part_header(boundary, _OCTET_PART, length, location)) + length + 2 + len(
             closing(boundary))
         await response.prepare(request)
         out = MultipartStream(request, response, boundary, blobs, off)
-        await out.write_blob_part(_OCTET_PART, record.blob_key, start, length)
+        await out.write_blob_part(_OCTET_PART, record.blob_key, start, length, location)
         await out.close()
         return response
+    if TS_MEDIA_TYPE.get(stored, "").startswith("video/"):
+        return await send_frames(request, inst, [1], choice, whole_stream=True)
     # encapsulated (or to be converted): every frame, one part each (PS3.18 8.7.3.3.2)
     return await send_frames(request, inst, list(range(1, inst.number_of_frames + 1)), choice)
 
@@ -99,7 +114,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
         raise NotAcceptableError("bulk data is available as application/octet-stream (PS3.18 8.7.3.2)")
     off, blobs = request.app[OFFLOADER], request.app[BLOBS]
     data = await off.run(_read, await off.run(blobs.open_sync, inst.record.blob_key), path)
-    return await _single_part(request, data)
+    return await _single_part(request, data, _location(request, inst, path))
 
 
 def add_routes(add: RouteAdder) -> None:

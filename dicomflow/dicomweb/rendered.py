@@ -16,7 +16,7 @@ from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER
 from dicomflow.dicomweb.common import RouteAdder, optional_path_uid, path_uid, tenant_of
 from dicomflow.dicomweb.media import MULTIPART, parse_accept
 from dicomflow.dicomweb.multipart_writer import MultipartStream, multipart_content_type, new_boundary
-from dicomflow.dicomweb.wado_frames import load_instance, parse_frame_list
+from dicomflow.dicomweb.wado_frames import has_pixels, load_instance, parse_frame_list, record_has_pixels
 from dicomflow.errors import NotAcceptableError, NotFoundError
 from dicomflow.imaging.render import RENDERED_TYPES, RenderOptions, parse_render_options, render_frame
 from dicomflow.index.base import InstanceRecord
@@ -82,7 +82,7 @@ async def rendered_instance(request: web.Request) -> web.StreamResponse:
     choice = negotiate_rendered(request)
     opts = parse_render_options(request.query, choice.media_type)
     inst = await load_instance(request)
-    if inst.record.pixel_data_offset is None or "7FE00010" not in inst.metadata:
+    if not has_pixels(inst):
         raise NotAcceptableError("this instance has no image to render")
     numbers = [1]
     if "frames" in request.match_info:
@@ -101,7 +101,7 @@ async def _image_records(request: web.Request) -> list[InstanceRecord]:
     records = await request.app[INDEX].list_instances(tenant, study, series)
     if not records:
         raise NotFoundError("no such study or series")
-    images = [r for r in records if r.pixel_data_offset is not None]
+    images = [r for r in records if record_has_pixels(r)]
     if not images:
         raise NotAcceptableError("no instance here has an image to render")
     return images
@@ -124,7 +124,7 @@ async def thumbnail(request: web.Request) -> web.StreamResponse:
     opts = parse_render_options(request.query, media, thumbnail=True)
     if "instance" in request.match_info:
         inst = await load_instance(request)
-        if inst.record.pixel_data_offset is None or "7FE00010" not in inst.metadata:
+        if not has_pixels(inst):
             raise NotAcceptableError("this instance has no image to render")
         if "frames" in request.match_info:
             frame = parse_frame_list(request.match_info["frames"], inst.number_of_frames)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from dicomflow.dicomweb.multipart_writer import (
     new_boundary,
     part_header,
 )
+from dicomflow.dicomweb.wado_frames import record_has_pixels
 from dicomflow.errors import NotAcceptableError, NotFoundError
 from dicomflow.imaging.transcode import PixelInfo, possible_targets, transcode
 from dicomflow.index.base import InstanceRecord
@@ -70,7 +72,7 @@ async def negotiate_records(request: web.Request, tenant: str,
         infos = await _pixel_infos(request, tenant, pending)
         for i, r in enumerate(records):
             if choices[i] is None:
-                has_pixels = r.pixel_data_offset is not None
+                has_pixels = record_has_pixels(r)
                 possible = possible_targets(r.transfer_syntax_uid, infos.get(r.sop_uid), has_pixels=has_pixels)
                 choices[i] = negotiate_dicom(accept, r.transfer_syntax_uid, possible)
     if any(c is None for c in choices):
@@ -96,33 +98,46 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
 
     boundary = new_boundary()
     response = web.StreamResponse(status=200)
-    response.content_type = "multipart/related"  # replaced below; keeps aiohttp from adding a charset
     response.headers["Content-Type"] = multipart_content_type(DICOM, boundary)
-    exact = all(c.transfer_syntax == r.transfer_syntax_uid for r, c in zip(records, choices, strict=True))
-    if exact:
-        # everything as stored: the length is known, so no chunked coding and the blobs go out with sendfile
+    pairs = list(zip(records, choices, strict=True))
+    ready: dict[int, bytes] = {}
+    if len(records) == 1 and choices[0].transfer_syntax != records[0].transfer_syntax_uid:
+        # one instance: convert before the status line, so that a failure is still a clean 406
+        ready[0] = await _transcode(request, records[0], choices[0])
+    if all(c.transfer_syntax == r.transfer_syntax_uid or i in ready for i, (r, c) in enumerate(pairs)):
+        # the length is known: no chunked coding, and the stored blobs go out with sendfile
         response.content_length = sum(
-            len(part_header(boundary, c.content_type(), r.size)) + r.size + 2
-            for r, c in zip(records, choices, strict=True)) + len(closing(boundary))
+            len(part_header(boundary, c.content_type(), n)) + n + 2
+            for i, (r, c) in enumerate(pairs) for n in [len(ready[i]) if i in ready else r.size]
+        ) + len(closing(boundary))
     await response.prepare(request)
     out = MultipartStream(request, response, boundary, blobs, off)
-    for record, choice in zip(records, choices, strict=True):
+    for i, (record, choice) in enumerate(pairs):
         if choice.transfer_syntax == record.transfer_syntax_uid:
             await out.write_blob_part(choice.content_type(), record.blob_key, 0, record.size)
             continue
-        fh = await off.run(blobs.open_sync, record.blob_key)
         try:
-            data = await off.run(transcode, fh, choice.transfer_syntax)
+            data = ready.pop(i) if i in ready else await _transcode(request, record, choice)
         except NotAcceptableError:
             # negotiation promised this conversion; after the first byte we can only abort (PS3.18 8.7.1.2)
             logger.error("WADO tenant=%s sop=%s: transcoding to %s failed mid-response", tenant, record.sop_uid,
                          choice.transfer_syntax)
             raise ConnectionResetError("transcoding failed") from None
-        finally:
-            fh.close()
         await out.write_part(choice.content_type(), data)
     await out.close()
     return response
+
+
+def _transcode_blob(fh: BinaryIO, target: str) -> bytes:
+    try:
+        return transcode(fh, target)
+    finally:
+        fh.close()
+
+
+async def _transcode(request: web.Request, record: InstanceRecord, choice: Choice) -> bytes:
+    off, blobs = request.app[OFFLOADER], request.app[BLOBS]
+    return await off.run(_transcode_blob, await off.run(blobs.open_sync, record.blob_key), choice.transfer_syntax)
 
 
 def _check_json_accept(request: web.Request) -> None:

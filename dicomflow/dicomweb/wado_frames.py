@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from aiohttp import web
@@ -19,6 +19,7 @@ from dicomflow.dicomweb.common import RouteAdder, path_uid, tenant_of
 from dicomflow.dicomweb.media import (
     NATIVE_LE,
     OCTET_STREAM,
+    TS_MEDIA_TYPE,
     Choice,
     negotiate_pixels,
     parse_accept,
@@ -39,7 +40,7 @@ from dicomflow.imaging.frames import (
     plan_frames,
     read_frames_stored,
 )
-from dicomflow.imaging.transcode import PixelInfo, possible_targets
+from dicomflow.imaging.transcode import DEFLATED_EXPLICIT_VR_LE, PixelInfo, possible_targets
 from dicomflow.index.base import InstanceRecord
 
 _FRAME_LIST = re.compile(r"^[0-9]+(,[0-9]+)*$")
@@ -61,6 +62,17 @@ class StoredInstance:
     @property
     def number_of_frames(self) -> int:
         return self.record.number_of_frames or self.layout.number_of_frames
+
+
+def record_has_pixels(record: InstanceRecord) -> bool:
+    """Pixel data located at ingest; deflated files cannot be located by offset and are assumed to have it."""
+    return record.pixel_data_offset is not None or record.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE
+
+
+def has_pixels(inst: StoredInstance) -> bool:
+    if inst.record.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE:
+        return "00280010" in inst.metadata  # Rows: an image, whose Pixel Data ingest could not locate
+    return inst.record.pixel_data_offset is not None and "7FE00010" in inst.metadata
 
 
 async def load_instance(request: web.Request) -> StoredInstance:
@@ -107,10 +119,10 @@ def as_stored(choice: Choice, stored_ts: str) -> bool:
     return choice.transfer_syntax == stored_ts or (choice.media_type == OCTET_STREAM and stored_ts in NATIVE_LE)
 
 
-def _plan(fh: BinaryIO, inst: StoredInstance, numbers: list[int]) -> FramePlan | None:
+def _plan(fh: BinaryIO, inst: StoredInstance, numbers: list[int], layout: PixelLayout) -> FramePlan | None:
     try:
         return plan_frames(fh, pixel_data_offset=inst.record.pixel_data_offset or 0,
-                           transfer_syntax=inst.record.transfer_syntax_uid, layout=inst.layout, numbers=numbers,
+                           transfer_syntax=inst.record.transfer_syntax_uid, layout=layout, numbers=numbers,
                            file_size=inst.record.size)
     finally:
         fh.close()
@@ -129,8 +141,11 @@ def _frames_bytes(fh: BinaryIO, inst: StoredInstance, numbers: list[int], choice
 
 
 async def send_frames(request: web.Request, inst: StoredInstance, numbers: list[int],
-                      choice: Choice) -> web.StreamResponse:
-    """Stream ``numbers`` as one part each (PS3.18 8.7.3.3.2); status and headers are fixed before the body."""
+                      choice: Choice, *, whole_stream: bool = False) -> web.StreamResponse:
+    """Stream ``numbers`` as one part each (PS3.18 8.7.3.3.2); status and headers are fixed before the body.
+
+    ``whole_stream``: one part with every fragment (a video stream, PS3.5 8.2.5), sent as stored.
+    """
     blobs, off = request.app[BLOBS], request.app[OFFLOADER]
     key = inst.record.blob_key
     boundary = new_boundary()
@@ -139,7 +154,11 @@ async def send_frames(request: web.Request, inst: StoredInstance, numbers: list[
     response.headers["Content-Type"] = multipart_content_type(choice.media_type, boundary)
     plan: FramePlan | None = None
     if as_stored(choice, inst.record.transfer_syntax_uid):
-        plan = await off.run(_plan, await off.run(blobs.open_sync, key), inst, numbers)
+        layout = replace(inst.layout, number_of_frames=1) if whole_stream else inst.layout
+        plan = await off.run(_plan, await off.run(blobs.open_sync, key), inst, [1] if whole_stream else numbers,
+                             layout)
+        if plan is None and whole_stream:
+            raise NotAcceptableError("the stored stream cannot be sent")
     if plan is not None:
         sizes = [sum(n for _o, n in ranges) for ranges in plan.ranges]
         response.content_length = sum(len(part_header(boundary, part_type, n)) + n + 2 for n in sizes) + len(
@@ -163,9 +182,12 @@ async def send_frames(request: web.Request, inst: StoredInstance, numbers: list[
 
 async def frames(request: web.Request) -> web.StreamResponse:
     inst = await load_instance(request)
-    if inst.record.pixel_data_offset is None or "7FE00010" not in inst.metadata:
+    if not has_pixels(inst):
         raise NotFoundError("the instance has no frames (no Pixel Data)")
     numbers = parse_frame_list(request.match_info["frames"], inst.number_of_frames)
+    if TS_MEDIA_TYPE.get(inst.record.transfer_syntax_uid, "").startswith("video/"):
+        raise InvalidRequestError("frames of a video cannot be retrieved one by one (PS3.18 8.7.3.3.2); "
+                                  "retrieve the instance or its pixel data bulk data")
     choice = negotiate_frames(request, inst)
     return await send_frames(request, inst, numbers, choice)
 

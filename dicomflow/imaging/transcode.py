@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -213,6 +214,17 @@ def _gdcm_encode(ds: Dataset, target: str) -> None:
     ds.file_meta.TransferSyntaxUID = UID(target)
 
 
+_SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_binary_values(ds: Dataset) -> None:
+    """Big endian source: pydicom converts numbers but keeps OW/OF/OL/OD/OV bytes as read (PS3.5 7.3)."""
+    for elem in ds.iterall():
+        width = _SWAP_WIDTH.get(str(elem.VR))
+        if width and isinstance(elem.value, bytes | bytearray) and len(elem.value) % width == 0:
+            elem.value = np.frombuffer(elem.value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
+
+
 def transcode_dataset(ds: Dataset, target_ts: str) -> Dataset:
     """Convert ``ds`` (read with its File Meta) in place to ``target_ts``; raise NotAcceptableError if we cannot."""
     source = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_VR_LE))
@@ -221,6 +233,8 @@ def transcode_dataset(ds: Dataset, target_ts: str) -> Dataset:
     info = PixelInfo.from_dataset(ds)
     if not can_transcode(source, target_ts, info, has_pixels=info is not None):
         raise NotAcceptableError(f"cannot convert {source} to transfer syntax {target_ts}")
+    if source == EXPLICIT_VR_BE:
+        _swap_binary_values(ds)
     if info is None:
         ds.file_meta.TransferSyntaxUID = UID(target_ts)
         return ds
@@ -260,7 +274,11 @@ def transcode_dataset(ds: Dataset, target_ts: str) -> Dataset:
 def transcode_to(src: BinaryIO | Path | bytes, target_ts: str, dst: BinaryIO) -> None:
     """Write the Part 10 file ``src`` to ``dst`` in ``target_ts``. Raises NotAcceptableError when impossible."""
     ds = transcode_dataset(_read(src), target_ts)
-    ds.save_as(dst, enforce_file_format=False)
+    try:
+        # the encoding follows the target (never big endian); preamble and File Meta as stored
+        pydicom.dcmwrite(dst, ds, implicit_vr=target_ts == IMPLICIT_VR_LE, little_endian=True)
+    except Exception as exc:
+        raise NotAcceptableError(f"cannot write the instance as {target_ts}: {exc}") from exc
 
 
 def transcode(src: BinaryIO | Path | bytes, target_ts: str) -> bytes:
