@@ -19,6 +19,10 @@ Then, for both::
             ...
     results.truncated                         # True when query.limit cut the answer short
 
+A pynetdicom handler thread drives the same object on the server's loop, one match per pending
+response: ``run_on_loop(loop, results.__anext__(), timeout)`` until ``StopAsyncIteration``, and
+``run_on_loop(loop, results.aclose(), timeout)`` on C-CANCEL (the database pool belongs to that loop).
+
 Every match is a PS3.18 F.2 JSON dict with decoded (Unicode) values, so PN Alphabetic/Ideographic/
 Phonetic groups come back as stored. A C-FIND adapter encodes them with ``SpecificCharacterSet =
 "ISO_IR 192"`` (the stored 0008,0005 describes the stored bytes, not the decoded text). RetrieveURL
