@@ -17,6 +17,7 @@ from dicomflow import db as db_cli
 from dicomflow import fsck as fsck_cli
 from dicomflow.app import create_app
 from dicomflow.audit import cli as audit_cli
+from dicomflow.engine import cli as routing_cli
 from dicomflow.index.migrate import SchemaVersionError
 from dicomflow.settings import load_settings
 
@@ -86,7 +87,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 #: ``register(subparsers)`` functions of command groups living in their own modules
-_SUBCOMMANDS: list[Callable[[Any], None]] = [audit_cli.register, db_cli.register, fsck_cli.register]
+_SUBCOMMANDS: list[Callable[[Any], None]] = [audit_cli.register, db_cli.register, fsck_cli.register,
+                                              routing_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,7 @@ def deidentify_dataset(ds: Dataset, options: Iterable[DeidOption] = (), salt: st
     anonymize_dataset(ds, extra_anonymization_rules=_rules(chosen, salt), delete_private_tags=True,
                       base_rules_gen=lambda: initialize_actions(TABLE_EDITION))
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "PS3.15 E.1 Basic Profile" + "".join(f"; {o.value}" for o in chosen)
+    ds.DeidentificationMethod = ["PS3.15 E.1 Basic Profile", *(o.value for o in chosen)]  # LO, VM 1-n
     items = []
     for key in ["basic", *chosen]:
         code, meaning = _METHOD_CODES[key]

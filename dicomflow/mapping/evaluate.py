@@ -253,6 +253,8 @@ def evaluate(template: Any, ctx: _Context) -> Any:
                 if coding is not None:
                     concepts.append({"coding": [coding], "text": coding.get("display")})
         return concepts
+    if op == "$if":
+        return evaluate(template.get("then"), ctx) if any(v.strip() for v in ctx.values(str(arg))) else None
     raise MappingError(f"unknown transform {op}")  # unreachable: checked when the mapping is loaded
 
 

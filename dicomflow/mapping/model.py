@@ -31,6 +31,7 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "$each": frozenset({"do"}),               # series | instances: a list, one item per element
     "$codes": frozenset({"system", "over"}),  # distinct values of an attribute -> list of Coding
     "$codeseq": frozenset(),                  # code sequence (e.g. ProcedureCodeSequence) -> CodeableConcepts
+    "$if": frozenset({"then"}),               # the template in then, only when the attribute has a value
 }
 
 _FHIR_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")
@@ -117,7 +118,7 @@ def check_template(template: Any, earlier: list[str], path: str = "") -> str | N
         return f"{where}: {op} does not take {', '.join(sorted(extra))}"
     arg = template[op]
     try:
-        if op in ("$attr", "$int", "$date", "$name", "$gender", "$issuer", "$codeseq"):
+        if op in ("$attr", "$int", "$date", "$name", "$gender", "$issuer", "$codeseq", "$if"):
             attribute_tag(str(arg))
         elif op == "$map":
             attribute_tag(str(arg))
@@ -142,7 +143,7 @@ def check_template(template: Any, earlier: list[str], path: str = "") -> str | N
             return f"{where}: $concat takes a list"
     except ValueError as exc:
         return f"{where}: {exc}"
-    for key in ("do", "default", "table"):
+    for key in ("do", "default", "table", "then"):
         if key in template:
             problem = check_template(template[key], earlier, f"{where}.{key}")
             if problem:
