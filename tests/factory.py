@@ -257,7 +257,7 @@ def _jpeg_baseline(ds: Dataset) -> Dataset:
 #: Patient names in the three character sets the issue names (PS3.5 Annex H/I examples).
 NON_ASCII_NAMES: dict[str, tuple[str | list[str], str]] = {
     "latin1": ("ISO_IR 100", "Buc^Jérôme"),
-    "utf8": ("ISO_IR 192", "Wang^XiaoDong=王^小東="),
+    "utf8": ("ISO_IR 192", "Wang^XiaoDong=王^小東"),
     "jis": (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,6 +42,9 @@ def configure_pydicom() -> None:
     # We validate what we rely on (UIDs) ourselves; everything else is stored as received.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    # Encoding mistakes pydicom reads around (e.g. implicit VR under an explicit Transfer Syntax) are
+    # warned about unconditionally; they are the peer's, not ours: keep them out of stderr.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def _vr_of(elem: RawDataElement | DataElement) -> str:
