@@ -70,7 +70,7 @@ class WebhookReceiver:
             status = self.script.pop(0)
             if status != 200:
                 return web.Response(status=status, text="scripted failure")
-        self.received.append({"headers": dict(request.headers), "body": json.loads(body)})
+        self.received.append({"headers": dict(request.headers), "body": json.loads(body), "at": time.time()})
         return web.Response(status=204)
 
     def app(self) -> web.Application:
