@@ -142,9 +142,10 @@ def _plan_conditions(query: Query, tenant: str, dialect: str) -> _Plan:
             plan.post.append(cond)
             continue
         if tag == MODALITIES_IN_STUDY:
+            # IN (subquery) rather than EXISTS: the series are found through ix_series_modality
             se2 = t.series.alias("se2")
-            plan.where.append(sa.exists().where(se2.c.tenant == S.tenant, se2.c.study_uid == S.study_uid,
-                                                _value_clause(se2.c.modality, cond, dialect, False)))
+            plan.where.append(S.study_uid.in_(sa.select(se2.c.study_uid).where(
+                se2.c.tenant == tenant, _value_clause(se2.c.modality, cond, dialect, False))))
             continue
         if tag == SOP_CLASSES_IN_STUDY:
             i2 = t.instances.alias("i2")
@@ -167,9 +168,9 @@ def _plan_conditions(query: Query, tenant: str, dialect: str) -> _Plan:
             plan.where.append(_value_clause(col, cond, dialect, tag in _INT_COLUMNS))
             continue
         if tag in query.extra_tags and query.level is Level.IMAGE:
-            x = t.extra_attributes.alias("x")
-            plan.where.append(sa.exists().where(x.c.tenant == I.tenant, x.c.sop_uid == I.sop_uid,
-                                                x.c.tag == tag, _value_clause(x.c.value, cond, dialect, False)))
+            x = t.extra_attributes.alias("x")  # found through ix_extra_lookup (tenant, tag, value)
+            plan.where.append(I.sop_uid.in_(sa.select(x.c.sop_uid).where(
+                x.c.tenant == tenant, x.c.tag == tag, _value_clause(x.c.value, cond, dialect, False))))
             if cond.vr in ("IS", "DS", "US", "UL", "SS", "SL", "FL", "FD"):
                 plan.post.append(cond)  # stored as text: let Python compare numbers
             continue
