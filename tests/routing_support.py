@@ -26,7 +26,7 @@ def routing_settings(tmp_path: Path, routes: dict[str, str], destinations: dict[
                      mappings_dir: Path = SHIPPED_MAPPINGS, **routing: Any) -> Settings:
     """Settings whose routes folder holds ``routes`` (file name -> YAML text); fast polling."""
     routes_dir = tmp_path / "routes"
-    routes_dir.mkdir(exist_ok=True)
+    routes_dir.mkdir(parents=True, exist_ok=True)
     for name, text in routes.items():
         (routes_dir / name).write_text(text)
     options: dict[str, Any] = {"routes_dir": routes_dir, "mappings_dir": mappings_dir,
