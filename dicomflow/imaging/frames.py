@@ -199,11 +199,23 @@ def read_frames_stored(fh: BinaryIO, *, pixel_data_offset: int, transfer_syntax:
     return [frames[n - 1] for n in numbers]
 
 
+def decode_frame(ds: Dataset, number: int) -> np.ndarray[Any, Any]:
+    """Decode the 1-based frame ``number`` (YBR colour as RGB); NotAcceptableError when no decoder can."""
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    last: Exception | None = None
+    for as_rgb in (True, False):  # some codestreams only decode without the colour conversion
+        opts: Any = {"as_rgb": as_rgb}
+        try:
+            arr, _meta = decoder.as_array(ds, index=number - 1, **opts)
+            return arr
+        except Exception as exc:  # every plugin refused; the message says why
+            last = exc
+    raise NotAcceptableError(f"the stored pixel data cannot be decoded here: {last}") from last
+
+
 def native_frame_bytes(ds: Dataset, number: int) -> bytes:
     """One decoded frame as little-endian native bytes (colour as RGB, PS3.18 8.7.3.3.2)."""
-    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
-    opts: Any = {"as_rgb": True}
-    arr, _meta = decoder.as_array(ds, index=number - 1, **opts)
+    arr = decode_frame(ds, number)
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).tobytes()
 
 

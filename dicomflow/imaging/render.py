@@ -16,10 +16,10 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from dicomflow.errors import InvalidRequestError
+from dicomflow.imaging.frames import decode_frame
 
 RENDERED_TYPES = ("image/jpeg", "image/png", "image/gif")
 _PIL_FORMAT = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
@@ -190,9 +190,7 @@ def _viewport(img: Image.Image, vp: Viewport | None, default_box: int | None) ->
 
 def render_dataset_frame(ds: Dataset, frame: int, opts: RenderOptions, *, thumbnail: bool = False) -> bytes:
     """Render the 1-based ``frame`` of ``ds`` (with pixel data) to ``opts.media_type`` bytes."""
-    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
-    kwargs: Any = {"as_rgb": True}
-    arr, _meta = decoder.as_array(ds, index=frame - 1, **kwargs)
+    arr = decode_frame(ds, frame)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if samples == 1 and photometric != "PALETTE COLOR":

@@ -241,7 +241,10 @@ def transcode_dataset(ds: Dataset, target_ts: str) -> Dataset:
     try:
         if source not in NATIVE:
             # PS3.5 8.2: decoded YBR colour is returned as RGB
-            ds.decompress(as_rgb=True, generate_instance_uid=False)
+            try:
+                ds.decompress(as_rgb=True, generate_instance_uid=False)
+            except Exception:  # some codestreams only decode without the colour conversion
+                ds.decompress(as_rgb=False, generate_instance_uid=False)
         if target_ts in NATIVE:
             ds.file_meta.TransferSyntaxUID = UID(target_ts)
             return ds

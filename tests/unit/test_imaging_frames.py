@@ -108,3 +108,15 @@ def test_encode_frame_round_trips() -> None:
     ds2.PixelData = encapsulate([codestream])
     ds2 = pydicom.dcmread(io.BytesIO(to_bytes(ds2)))
     assert np.array_equal(ds2.pixel_array, ds.pixel_array[1])
+
+
+def test_undecodable_pixel_data_is_not_acceptable() -> None:
+    from dicomflow.errors import NotAcceptableError
+    from dicomflow.imaging.frames import decode_frame
+
+    ds = make_dataset(rows=8, columns=8)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9"])
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
+    with pytest.raises(NotAcceptableError):
+        decode_frame(ds, 1)
