@@ -1,8 +1,10 @@
 """WADO-RS rendered and thumbnail resources (PS3.18 10.4.1.1.3, 8.3.5; thumbnails 8.3.5.2).
 
-Instance and frame resources answer one consumer image (frame 1 of a multi-frame instance unless
-frames are named). Rendered study/series answer multipart/related with one rendered image per image
-instance, streamed one at a time. Thumbnails answer one image: the middle image of the (first) series.
+Instance and frame resources answer one consumer image: frame 1 of a multi-frame instance unless frames
+are named, or every frame as an animated GIF when image/gif is asked for. Several frames, and rendered
+study/series, answer multipart/related with one image per frame or image instance, rendered one at a
+time (a client that accepts only a single image gets the first). Thumbnails answer one image: the middle
+image of the (first) series, the middle frame of a multi-frame instance.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from dicomflow.dicomweb.media import MULTIPART, parse_accept
 from dicomflow.dicomweb.multipart_writer import MultipartStream, multipart_content_type, new_boundary
 from dicomflow.dicomweb.wado_frames import has_pixels, load_instance, parse_frame_list, record_has_pixels
 from dicomflow.errors import NotAcceptableError, NotFoundError
-from dicomflow.imaging.render import RENDERED_TYPES, RenderOptions, parse_render_options, render_frame
+from dicomflow.imaging.render import (
+    RENDERED_TYPES,
+    RenderOptions,
+    parse_render_options,
+    render_animation,
+    render_frame,
+)
 from dicomflow.index.base import InstanceRecord
 
 
@@ -43,6 +51,13 @@ def negotiate_rendered(request: web.Request) -> RenderedChoice:
         if mtype in RENDERED_TYPES:
             return RenderedChoice(mtype, multipart)
     raise NotAcceptableError("rendered resources are available as image/jpeg, image/png or image/gif")
+
+
+def _animate(fh: BinaryIO, opts: RenderOptions) -> bytes:
+    try:
+        return render_animation(fh, opts)
+    finally:
+        fh.close()
 
 
 def _render(fh: BinaryIO, frame: int, opts: RenderOptions, thumbnail: bool) -> bytes:
@@ -87,6 +102,11 @@ async def rendered_instance(request: web.Request) -> web.StreamResponse:
     numbers = [1]
     if "frames" in request.match_info:
         numbers = parse_frame_list(request.match_info["frames"], inst.number_of_frames)
+    elif inst.number_of_frames > 1 and choice.media_type == "image/gif" and not choice.multipart:
+        # a multi-frame instance in a multi-frame rendered media type: every frame (PS3.18 8.7.4)
+        off, blobs = request.app[OFFLOADER], request.app[BLOBS]
+        body = await off.run(_animate, await off.run(blobs.open_sync, inst.record.blob_key), opts)
+        return _image(body, choice.media_type)
     if len(numbers) == 1 and not choice.multipart:
         return _image(await _render_record(request, inst.record, numbers[0], opts), choice.media_type)
     if choice.multipart is False:

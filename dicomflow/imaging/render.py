@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from dicomflow.errors import InvalidRequestError
+from dicomflow.errors import InvalidRequestError, NotAcceptableError
 from dicomflow.imaging.frames import decode_frame
 
 RENDERED_TYPES = ("image/jpeg", "image/png", "image/gif")
@@ -26,6 +26,7 @@ _PIL_FORMAT = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 WINDOW_FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 THUMBNAIL_SIZE = 128
 MAX_VIEWPORT = 8192
+MAX_ANIMATION_FRAMES = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +189,7 @@ def _viewport(img: Image.Image, vp: Viewport | None, default_box: int | None) ->
     return img if size == img.size else img.resize(size, Image.Resampling.LANCZOS)
 
 
-def render_dataset_frame(ds: Dataset, frame: int, opts: RenderOptions, *, thumbnail: bool = False) -> bytes:
-    """Render the 1-based ``frame`` of ``ds`` (with pixel data) to ``opts.media_type`` bytes."""
+def _frame_image(ds: Dataset, frame: int, opts: RenderOptions, thumbnail: bool) -> Image.Image:
     arr = decode_frame(ds, frame)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -197,7 +197,12 @@ def render_dataset_frame(ds: Dataset, frame: int, opts: RenderOptions, *, thumbn
         img = Image.fromarray(_gray(arr, ds, opts), mode="L")
     else:
         img = Image.fromarray(_colour(arr, ds), mode="RGB")
-    img = _viewport(img, opts.viewport, THUMBNAIL_SIZE if thumbnail else None)
+    return _viewport(img, opts.viewport, THUMBNAIL_SIZE if thumbnail else None)
+
+
+def render_dataset_frame(ds: Dataset, frame: int, opts: RenderOptions, *, thumbnail: bool = False) -> bytes:
+    """Render the 1-based ``frame`` of ``ds`` (with pixel data) to ``opts.media_type`` bytes."""
+    img = _frame_image(ds, frame, opts, thumbnail)
     buf = io.BytesIO()
     fmt = _PIL_FORMAT[opts.media_type]
     if fmt == "JPEG":
@@ -211,3 +216,20 @@ def render_frame(fh: BinaryIO, frame: int, opts: RenderOptions, *, thumbnail: bo
     """Render one frame of a stored Part 10 file (reads that one instance)."""
     ds = pydicom.dcmread(fh, force=True)
     return render_dataset_frame(ds, frame, opts, thumbnail=thumbnail)
+
+
+def render_animation(fh: BinaryIO, opts: RenderOptions) -> bytes:
+    """Every frame of a multi-frame instance as an animated GIF (a multi-frame rendered media type, PS3.18
+    8.7.4), timed by Frame Time (0018,1063) when present."""
+    ds = pydicom.dcmread(fh, force=True)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if count > MAX_ANIMATION_FRAMES:
+        raise NotAcceptableError(f"more than {MAX_ANIMATION_FRAMES} frames: retrieve frames one by one")
+    images = [_frame_image(ds, n, opts, False) for n in range(1, count + 1)]
+    try:
+        duration = max(int(float(ds.get("FrameTime", 100) or 100)), 20)
+    except (TypeError, ValueError):
+        duration = 100
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return buf.getvalue()

@@ -90,6 +90,11 @@ def test_rendered_frames_and_thumbnails(stored: dict[str, Any]) -> None:
     f3 = client.retrieve_instance_frames_rendered(stored["study"], series, sop, [3], media_types=("image/png",))
     a1, a3 = (np.asarray(Image.open(io.BytesIO(b))) for b in (f1, f3))
     assert a1.shape == (24, 24) and not np.array_equal(a1, a3)
+    gif = client.retrieve_instance_rendered(stored["study"], series, sop, media_types=("image/gif",))
+    anim = Image.open(io.BytesIO(gif))
+    assert anim.format == "GIF" and anim.n_frames == 3
+    first = client.retrieve_instance_rendered(stored["study"], series, sop, media_types=("image/png",))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first))), a1)  # a single image is frame 1
 
 
 async def test_thumbnails_collections_and_errors(stored: dict[str, Any]) -> None:
