@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -275,7 +276,12 @@ def _store_rq_pdus(ds: Dataset, context_id: int, max_pdu: int) -> list[Any]:
     return list(msg.encode_msg(context_id, max_pdu))
 
 
-def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: Path) -> None:
+def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom receives C-STORE data sets into a temporary file: watch where those go
+    received = tmp_path / "pynetdicom-tmp"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
     server = start(live_server_factory, tmp_path)
     ct = "1.2.840.10008.5.1.4.1.1.2"
     assoc = _assoc(server, ct)
@@ -290,6 +296,7 @@ def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: P
     time.sleep(0.5)
     state = store_state(server.settings)
     assert state.instances == [] and state.blobs == [] and state.spool == []
+    assert list(received.iterdir()) == []  # the partial data set was removed too
     # and the server keeps serving
     assoc = _assoc(server, ct)
     try:
@@ -297,10 +304,15 @@ def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: P
     finally:
         assoc.release()
     assert [i[3] for i in store_state(server.settings).instances] == [ds.SOPInstanceUID]
+    assert list(received.iterdir()) == []
 
 
-def test_storescu_aborted_by_the_network_mid_transfer(live_server_factory: Any, tmp_path: Path) -> None:
+def test_storescu_aborted_by_the_network_mid_transfer(live_server_factory: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """dcmtk killed while sending a large instance: nothing of it is stored."""
+    received = tmp_path / "pynetdicom-tmp"
+    received.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(received))
     server = start(live_server_factory, tmp_path)
     big = _write(tmp_path, "big", make_dataset(rows=2048, columns=2048))  # 8 MiB
     proc = subprocess.Popen(["storescu", "--max-send-pdu", "4096", "-aec", "DICOMFLOW", "127.0.0.1",
@@ -312,6 +324,7 @@ def test_storescu_aborted_by_the_network_mid_transfer(live_server_factory: Any, 
     time.sleep(0.5)
     state = store_state(server.settings)
     assert state.instances == [] and state.blobs == [] and state.spool == []
+    assert list(received.iterdir()) == []
 
 
 def test_twenty_parallel_storescu_while_http_answers(live_server_factory: Any, tmp_path: Path) -> None:
