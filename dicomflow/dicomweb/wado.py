@@ -60,8 +60,11 @@ async def _pixel_infos(request: web.Request, tenant: str, records: list[Instance
 
 
 async def negotiate_records(request: web.Request, tenant: str,
-                            records: list[InstanceRecord]) -> list[Choice]:
-    """PS3.18 8.7: one acceptable (media type, transfer syntax) per instance, or 406 for the whole request."""
+                            records: list[InstanceRecord]) -> list[Choice | None]:
+    """PS3.18 8.7: an acceptable (media type, transfer syntax) per instance, None where there is none.
+
+    406 when no instance at all can be provided.
+    """
     accept = parse_accept(request.headers.get("Accept"))
     if not wants_dicom(accept):
         raise NotAcceptableError("Accept must allow multipart/related; type=\"application/dicom\" (PS3.18 8.7.4)")
@@ -75,9 +78,9 @@ async def negotiate_records(request: web.Request, tenant: str,
                 has_pixels = record_has_pixels(r)
                 possible = possible_targets(r.transfer_syntax_uid, infos.get(r.sop_uid), has_pixels=has_pixels)
                 choices[i] = negotiate_dicom(accept, r.transfer_syntax_uid, possible)
-    if any(c is None for c in choices):
-        raise NotAcceptableError("an instance cannot be provided in any accepted transfer syntax")
-    return [c for c in choices if c is not None]
+    if all(c is None for c in choices):
+        raise NotAcceptableError("no instance can be provided in any accepted transfer syntax")
+    return choices
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
@@ -94,16 +97,22 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     records = await index.list_instances(tenant, study, series, sop)
     if not records:
         raise NotFoundError(_NOT_FOUND)
-    choices = await negotiate_records(request, tenant, records)
+    negotiated = await negotiate_records(request, tenant, records)
+    pairs = [(r, c) for r, c in zip(records, negotiated, strict=True) if c is not None]
+    skipped = len(records) - len(pairs)
 
     boundary = new_boundary()
-    response = web.StreamResponse(status=200)
+    # PS3.18 8.7.1.2 / 10.4.3: some instances not convertible to any accepted syntax -> 206 Partial Content
+    response = web.StreamResponse(status=206 if skipped else 200)
     response.headers["Content-Type"] = multipart_content_type(DICOM, boundary)
-    pairs = list(zip(records, choices, strict=True))
+    if skipped:
+        response.headers["Warning"] = (f'299 dicomflow "{skipped} instance(s) left out: not available in any '
+                                       'accepted transfer syntax"')
+        logger.warning("WADO tenant=%s study=%s: %d instance(s) left out (406 for them)", tenant, study, skipped)
     ready: dict[int, bytes] = {}
-    if len(records) == 1 and choices[0].transfer_syntax != records[0].transfer_syntax_uid:
+    if len(pairs) == 1 and pairs[0][1].transfer_syntax != pairs[0][0].transfer_syntax_uid:
         # one instance: convert before the status line, so that a failure is still a clean 406
-        ready[0] = await _transcode(request, records[0], choices[0])
+        ready[0] = await _transcode(request, *pairs[0])
     if all(c.transfer_syntax == r.transfer_syntax_uid or i in ready for i, (r, c) in enumerate(pairs)):
         # the length is known: no chunked coding, and the stored blobs go out with sendfile
         response.content_length = sum(

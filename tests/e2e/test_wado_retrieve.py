@@ -167,3 +167,20 @@ async def test_errors(stored: dict[str, Any]) -> None:
         # 16-bit data cannot become JPEG baseline (PS3.5 8.2.1: 8-bit only)
         assert await status(inst, 'multipart/related; type="application/dicom"; '
                                   'transfer-syntax=1.2.840.10008.1.2.4.50') == 406
+
+
+async def test_partial_content_when_only_some_instances_convert(stored: dict[str, Any]) -> None:
+    # only the 8-bit instance can become JPEG baseline (PS3.5 8.2.1): 206 with that one (PS3.18 8.7.1.2)
+    url = f"{stored['server'].dicomweb}/studies/{stored['study']}"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    async with aiohttp.ClientSession() as session, session.get(url, headers={"Accept": accept}) as resp:
+        assert resp.status == 206
+        assert "Warning" in resp.headers
+        reader = aiohttp.MultipartReader.from_response(resp)
+        parts = []
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            parts.append(pydicom.dcmread(io.BytesIO(bytes(await part.read()))))
+    assert [ds.SOPInstanceUID for ds in parts] == [stored["data"]["j2k"][1]]
+    assert parts[0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert parts[0].LossyImageCompression == "01"
