@@ -98,7 +98,7 @@ class S3Options:
     def config_kwargs(self) -> dict[str, Any]:
         return {
             "s3": {"addressing_style": self.addressing_style},
-            "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+            "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"},
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
             "max_pool_connections": self.max_pool_connections,
