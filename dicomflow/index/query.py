@@ -643,6 +643,7 @@ def pn_matches(query: str, stored: str, *, ignore_case: bool, fuzzy: bool = Fals
     def group_match(q: str, s: str) -> bool:
         if _has_wildcard(q):
             return wildcard_regex(q, ignore_case).fullmatch(s) is not None
+        q, s = q.rstrip("^ "), s.rstrip("^ ")  # PS3.5 6.2.1.1: trailing empty components may be omitted
         return q.upper() == s.upper() if ignore_case else q == s
 
     if len(query_groups) == 1:

@@ -116,12 +116,14 @@ def _pn_prefilter(col: sa.ColumnElement[Any], cond: Condition, dialect: str, upp
             words = [w for w in value.replace("=", " ").replace(",", " ").replace("^", " ").split() if w]
             clauses.append(sa.and_(*[_wildcard(col, f"*{w.strip('*')}*", dialect) for w in words]))
         elif "=" in value:
-            groups = [g or "*" for g in value.split("=")]
+            groups = [g.rstrip("^ ") or "*" for g in value.split("=")]
+            groups = [g + "*" if g != "*" else g for g in groups]
             clauses.append(_wildcard(col, "=".join(groups) + "*", dialect))
         else:
-            # one component group: it may be any of Alphabetic=Ideographic=Phonetic
-            clauses.extend([_wildcard(col, value, dialect), _wildcard(col, value + "=*", dialect),
-                            _wildcard(col, "*=" + value, dialect), _wildcard(col, "*=" + value + "=*", dialect)])
+            # one component group: it may be any of Alphabetic=Ideographic=Phonetic, and stored names may
+            # carry trailing empty components ("DOE^JOHN^^"): a prefix of the value or of a later group
+            value = value.rstrip("^ ")
+            clauses.extend([_wildcard(col, value + "*", dialect), _wildcard(col, "*=" + value + "*", dialect)])
     return sa.or_(*clauses)
 
 

@@ -172,6 +172,8 @@ def test_identifier_sequence_matching_and_item_return_keys() -> None:
     ("Doe*", "Doe^John", False, True),
     ("D?e^J*", "Doe^John", False, True),
     ("Doe", "Doe^John", False, False),
+    ("Doe^John", "Doe^John^^^", False, True),
+    ("Doe^John^", "Doe^John", False, True),
     ("山田^太郎", "Yamada^Tarou=山田^太郎=やまだ^たろう", False, True),
     ("やまだ*", "Yamada^Tarou=山田^太郎=やまだ^たろう", False, True),
     ("Yamada^Tarou=山田^太郎", "Yamada^Tarou=山田^太郎=やまだ^たろう", False, True),

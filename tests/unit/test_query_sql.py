@@ -157,6 +157,8 @@ async def test_sql_matching_at_study_level(index: SqlIndexStore, params: tuple[t
     ("hans mül", True, True, [STUDY_B, STUDY_C]),
     ("tar", True, True, ["1.3.6.1.4.1.5962.1.2.0.1175775771.5702.0"]),
     ("john", True, False, []),
+    ("Doe^John^^", True, False, [STUDY_A]),
+    ("Doe^Jo", True, False, []),
 ])
 async def test_pn_matching_in_sql_and_post_filter(index: SqlIndexStore, name: str, case_insensitive: bool,
                                                   fuzzy: bool, expected: list[str]) -> None:
