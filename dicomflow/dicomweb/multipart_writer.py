@@ -54,18 +54,19 @@ class MultipartStream:
         self.boundary = boundary
         self.blobs = blobs
         self.off = offloader
+        self._pending = b""  # the CRLF ending the previous part, sent with the next header (one write)
 
     async def write_part(self, content_type: str, data: bytes | memoryview, location: str | None = None) -> None:
-        await self.response.write(part_header(self.boundary, content_type, len(data), location))
+        await self.response.write(self._pending + part_header(self.boundary, content_type, len(data), location))
         await self.response.write(data)
-        await self.response.write(b"\r\n")
+        self._pending = b"\r\n"
 
     async def write_blob_part(self, content_type: str, key: str, start: int, count: int,
                               location: str | None = None) -> None:
         """A part whose body is ``count`` bytes of a blob from ``start``."""
-        await self.response.write(part_header(self.boundary, content_type, count, location))
+        await self.response.write(self._pending + part_header(self.boundary, content_type, count, location))
         await self.send_blob(key, start, count)
-        await self.response.write(b"\r\n")
+        self._pending = b"\r\n"
 
     async def send_blob(self, key: str, start: int, count: int) -> None:
         await self.send_ranges(key, [(start, count)])
@@ -73,9 +74,10 @@ class MultipartStream:
     async def write_ranges_part(self, content_type: str, key: str, ranges: list[tuple[int, int]],
                                 location: str | None = None) -> None:
         """A part made of byte ranges of one blob (a frame: its fragments, PS3.5 A.4)."""
-        await self.response.write(part_header(self.boundary, content_type, sum(n for _o, n in ranges), location))
+        await self.response.write(
+            self._pending + part_header(self.boundary, content_type, sum(n for _o, n in ranges), location))
         await self.send_ranges(key, ranges)
-        await self.response.write(b"\r\n")
+        self._pending = b"\r\n"
 
     async def send_ranges(self, key: str, ranges: list[tuple[int, int]]) -> None:
         """Send byte ranges of a blob: ``sendfile`` when nothing frames the body, else large reads off the loop."""
@@ -115,5 +117,5 @@ class MultipartStream:
             await self.response.write(chunk)
 
     async def close(self) -> None:
-        await self.response.write(closing(self.boundary))
+        await self.response.write(self._pending + closing(self.boundary))
         await self.response.write_eof()
