@@ -4,9 +4,15 @@ The API other parts use::
 
     from dicomflow.imaging.transcode import transcode, possible_targets, choose_target
 
-    possible_targets(src_ts)                       # which target syntaxes we can produce from src_ts
-    choose_target(src_ts, accepted, pixel=info)    # best of the peer's accepted syntaxes, or None
-    data = transcode(fileobj, target_ts)           # Part 10 bytes in target_ts, or NotAcceptableError
+    possible_targets(src_ts, pixel)                # which target syntaxes we can produce from src_ts
+    choose_target(src_ts, accepted, pixel)         # best of a peer's accepted syntaxes (C-MOVE/C-GET), or None
+    data = transcode(fileobj_or_path, target_ts)   # Part 10 bytes in target_ts, or NotAcceptableError
+    transcode_to(src, target_ts, dst_fileobj)      # the same, written to a file object
+    ds = transcode_dataset(pydicom.dcmread(src), target_ts)   # in place, e.g. for pynetdicom send_c_store
+
+``pixel`` is a :class:`PixelInfo` (``PixelInfo.from_metadata(json)`` from the index, or ``from_dataset``);
+without it the answer assumes the encoders take the pixel data. All calls block: run them through the
+offloader (or in a pynetdicom handler thread), one instance at a time.
 
 Decoding uses pydicom's pixel decoders (pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, python-gdcm, Pillow);
 encoding uses pydicom's encoders (RLE, JPEG-LS through pyjpegls, JPEG 2000 through pylibjpeg-openjpeg) and
