@@ -363,3 +363,41 @@ def test_twenty_parallel_storescu_while_http_answers(live_server_factory: Any, t
     # the HTTP side is not blocked by DIMSE work (which runs in pynetdicom threads and the offloader)
     assert statistics.median(latencies) < 0.25, latencies
     assert max(latencies) < 2.0, latencies
+
+
+def test_unindexable_attribute_is_stored_with_warning_b006(live_server_factory: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start(live_server_factory, tmp_path)
+    ds = make_dataset(series_number=77777)
+    raw = to_bytes(ds)
+    assert raw.count(b"77777") == 1
+    path = tmp_path / "bad-is.dcm"
+    path.write_bytes(raw.replace(b"77777", b"7a7a7"))  # Series Number (IS) that is not an integer
+    assoc = _assoc(server, ds.SOPClassUID)
+    try:
+        status = _send_file(assoc, path, monkeypatch)
+    finally:
+        assoc.release()
+    # PS3.4 B.2.3 Warning: Elements Discarded (from the index; the bytes are stored as received)
+    assert status.Status == 0xB006
+    assert "00200011" in status.ErrorComment
+    stored = stored_blobs(server.settings)[("default", ds.SOPInstanceUID)]
+    assert dataset_part(stored) == dataset_part(path.read_bytes())
+
+
+def test_instance_over_the_size_limit_is_refused_with_a700(live_server_factory: Any, tmp_path: Path) -> None:
+    server = start(live_server_factory, tmp_path, limits={"max_instance_size": 4096})
+    assoc = _assoc(server, "1.2.840.10008.5.1.4.1.1.2")
+    try:
+        small = make_dataset(rows=8, columns=8)
+        big = make_dataset(rows=128, columns=128)
+        assert assoc.send_c_store(small).Status == 0x0000
+        status = assoc.send_c_store(big)
+        # PS3.4 B.2.3 Refused: Out of Resources (an SCU may retry elsewhere or later)
+        assert status.Status == 0xA700
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    state = store_state(server.settings)
+    assert [i[3] for i in state.instances] == [small.SOPInstanceUID]
+    assert state.spool == []
