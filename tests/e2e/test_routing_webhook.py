@@ -96,3 +96,31 @@ async def _done(engine: Any, delivery_id: int) -> Any:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_per_destination_concurrency_limit(aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    running, peak, seen = 0, 0, 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal running, peak, seen
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.2)
+        running -= 1
+        seen += 1
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", slow)
+    hook = await aiohttp_server(app)
+    route = "name: all\nevents: [instance.stored]\nactions: [{type: webhook, destination: hook}]\n"
+    settings = routing_settings(tmp_path, {"all.yaml": route}, {
+        "hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET, "concurrency": 3}})
+    client = await aiohttp_client(create_app(settings))
+    await stow(client, [make_instance() for _ in range(12)])
+    await wait_for(lambda: _async(seen == 12), what="12 deliveries")
+    assert peak == 3  # in parallel, but never more than the destination allows
