@@ -172,3 +172,20 @@ def test_idle_association_is_closed_after_network_timeout(server: Any) -> None:
         time.sleep(0.1)
     assert not assoc.is_established  # network_timeout=2s on the server
     _assert_serving(server)
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(live_server_factory: Any, tmp_path: Path) -> None:
+    server = start(live_server_factory, tmp_path, dimse={"max_associations": 2})
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(VERIFICATION, uid.ImplicitVRLittleEndian)
+    held = [ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        result = _echo(server, "DICOMFLOW")
+        # PS3.8 9.3.4: rejected-transient, service-provider (presentation), local-limit-exceeded
+        assert result.returncode != 0
+        assert "Rejected Transient" in result.stderr and "Local Limit Exceeded" in result.stderr
+    finally:
+        for a in held:
+            a.release()
+    _assert_serving(server)
