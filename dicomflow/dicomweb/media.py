@@ -133,8 +133,6 @@ def requested_parts(accept: list[MediaType], default_part: str) -> list[tuple[st
             continue
         if m.type in (MULTIPART, "multipart/*"):
             part = canonical_type(m.params.get("type", default_part).strip().lower())
-            if part == "video/h265":
-                part = "video/H265"
         elif m.type == "*/*":
             part = default_part
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from aiohttp import web
+from pydicom.dataset import Dataset
 
 from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER
 from dicomflow.dicomweb.common import RouteAdder, path_uid, tenant_of
@@ -32,14 +33,7 @@ from dicomflow.dicomweb.multipart_writer import (
     part_header,
 )
 from dicomflow.errors import InvalidRequestError, NotAcceptableError, NotFoundError
-from dicomflow.imaging.frames import (
-    FramePlan,
-    PixelLayout,
-    decoded_frames,
-    encode_frame,
-    plan_frames,
-    read_frames_stored,
-)
+from dicomflow.imaging.frames import FramePlan, PixelLayout, frames_from_dataset, load_dataset, plan_frames
 from dicomflow.imaging.transcode import DEFLATED_EXPLICIT_VR_LE, PixelInfo, possible_targets
 from dicomflow.index.base import InstanceRecord
 
@@ -128,16 +122,14 @@ def _plan(fh: BinaryIO, inst: StoredInstance, numbers: list[int], layout: PixelL
         fh.close()
 
 
-def _frames_bytes(fh: BinaryIO, inst: StoredInstance, numbers: list[int], choice: Choice) -> list[bytes]:
-    """The requested frames as bytes in the chosen encoding (blocking)."""
+def _load(fh: BinaryIO) -> Dataset:
     try:
-        if as_stored(choice, inst.record.transfer_syntax_uid):
-            return read_frames_stored(fh, pixel_data_offset=inst.record.pixel_data_offset or 0,
-                                      transfer_syntax=inst.record.transfer_syntax_uid, layout=inst.layout,
-                                      numbers=numbers)
-        return [encode_frame(native, ds, choice.transfer_syntax) for native, ds in decoded_frames(fh, numbers)]
+        return load_dataset(fh)
     finally:
         fh.close()
+
+
+FRAME_BATCH = 8  # frames decoded/encoded per offloaded call: bounds memory for long multi-frame instances
 
 
 async def send_frames(request: web.Request, inst: StoredInstance, numbers: list[int],
@@ -169,13 +161,22 @@ async def send_frames(request: web.Request, inst: StoredInstance, numbers: list[
             await out.write_ranges_part(part_type, key, ranges)
         await out.close()
         return response
-    frames = await off.run(_frames_bytes, await off.run(blobs.open_sync, key), inst, numbers, choice)
-    response.content_length = sum(len(part_header(boundary, part_type, len(f))) + len(f) + 2 for f in frames) + len(
-        closing(boundary))
+    # decode (and re-encode) a batch at a time; the first batch before the status line, so that a
+    # decoder failure is still a clean error response
+    target = None if as_stored(choice, inst.record.transfer_syntax_uid) else choice.transfer_syntax
+    ds = await off.run(_load, await off.run(blobs.open_sync, key))
+    batches = [numbers[i:i + FRAME_BATCH] for i in range(0, len(numbers), FRAME_BATCH)]
+    frames = await off.run(frames_from_dataset, ds, batches[0], target)
+    if len(batches) == 1:
+        response.content_length = sum(
+            len(part_header(boundary, part_type, len(f))) + len(f) + 2 for f in frames) + len(closing(boundary))
     await response.prepare(request)
     out = MultipartStream(request, response, boundary, blobs, off)
-    for frame in frames:
-        await out.write_part(part_type, frame)
+    for i, batch in enumerate(batches):
+        if i:
+            frames = await off.run(frames_from_dataset, ds, batch, target)
+        for frame in frames:
+            await out.write_part(part_type, frame)
     await out.close()
     return response
 

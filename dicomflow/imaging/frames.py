@@ -219,6 +219,31 @@ def native_frame_bytes(ds: Dataset, number: int) -> bytes:
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).tobytes()
 
 
+def load_dataset(fh: BinaryIO) -> Dataset:
+    """The whole instance (pixel data as stored: encapsulated data stays compressed in memory)."""
+    fh.seek(0)
+    return pydicom.dcmread(fh, force=True)
+
+
+def frames_from_dataset(ds: Dataset, numbers: list[int], target_ts: str | None) -> list[bytes]:
+    """Frames of a loaded instance: as stored (``target_ts`` None; native as little endian bytes) or
+    converted to ``target_ts`` (native or a compressed syntax)."""
+    stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_VR_LE))
+    if target_ts is None and stored not in NATIVE:
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        wanted = set(numbers)
+        found: dict[int, bytes] = {}
+        for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=count), start=1):
+            if i in wanted:
+                found[i] = frame
+            if len(found) == len(wanted):
+                break
+        return [found[n] for n in numbers]
+    if target_ts is None or target_ts in NATIVE:
+        return [native_frame_bytes(ds, n) for n in numbers]
+    return [encode_frame(native_frame_bytes(ds, n), ds, target_ts) for n in numbers]
+
+
 def decoded_frames(fh: BinaryIO, numbers: list[int]) -> Iterator[tuple[bytes, Dataset]]:
     """Decode the requested frames of a stored instance: (native bytes, the dataset without pixel data)."""
     fh.seek(0)

@@ -112,3 +112,17 @@ async def test_frame_errors(stored: dict[str, Any]) -> None:
                                                       'transfer-syntax=1.2.840.10008.1.2.4.50'))[0] == 406
     bad = f"{stored['server'].dicomweb}/studies/{stored['study']}/series/{stored['series']}/instances/1.2.3/frames/1"
     assert (await _get(bad, None))[0] == 404
+
+
+async def test_many_frames_are_decoded_in_batches(live_server: Any) -> None:
+    ds = make_dataset(frames=20, rows=16, columns=16, sop_class=US_MULTIFRAME, modality="US")
+    pixels = ds.pixel_array
+    ds.compress(RLELossless, generate_instance_uid=False)
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
+    DICOMwebClient(live_server.dicomweb).store_instances([ds])
+    url = (f"{live_server.dicomweb}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+           f"{ds.SOPInstanceUID}/frames/{','.join(str(n) for n in range(20, 0, -1))}")
+    status, _ctype, parts = await _get(url, None)
+    assert status == 200 and len(parts) == 20
+    for (_t, raw), idx in zip(parts, range(19, -1, -1), strict=True):
+        assert np.array_equal(np.frombuffer(raw, "<u2").reshape(16, 16), pixels[idx])
