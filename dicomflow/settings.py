@@ -183,6 +183,8 @@ class OAuth2ClientCredentials(_Model):
     scope: str | None = None
     #: RFC 8707 resource indicator, for servers that issue audience-bound tokens
     resource: str | None = None
+    #: how the client authenticates at the token endpoint (RFC 6749 2.3.1)
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
 
 
 class BasicAuth(_Model):

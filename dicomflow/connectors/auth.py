@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from urllib.parse import quote_plus
 
 import aiohttp
 
@@ -24,8 +25,7 @@ class TokenCache:
                             request_timeout: float) -> str | None:
         """The ``Authorization`` header value for a destination, or None."""
         if basic is not None:
-            raw = f"{basic.username}:{basic.password.get_secret_value()}".encode()
-            return "Basic " + base64.b64encode(raw).decode("ascii")
+            return _basic(basic.username, basic.password.get_secret_value())
         if oauth2 is None:
             return None
         return "Bearer " + await self.token(oauth2, request_timeout)
@@ -41,10 +41,17 @@ class TokenCache:
                 form["scope"] = oauth2.scope
             if oauth2.resource:
                 form["resource"] = oauth2.resource
-            # RFC 6749 2.3.1: client_secret_basic
-            auth = aiohttp.BasicAuth(oauth2.client_id, oauth2.client_secret.get_secret_value())
+            # RFC 6749 2.3.1: HTTP Basic (which servers must support) or the credentials in the form
+            headers: dict[str, str] = {}
+            if oauth2.auth_method == "client_secret_post":
+                form["client_id"] = oauth2.client_id
+                form["client_secret"] = oauth2.client_secret.get_secret_value()
+            else:
+                # RFC 6749 2.3.1: id and secret are form-encoded before Basic encoding
+                headers["Authorization"] = _basic(quote_plus(oauth2.client_id),
+                                                  quote_plus(oauth2.client_secret.get_secret_value()))
             try:
-                async with self._session.post(oauth2.token_url, data=form, auth=auth,
+                async with self._session.post(oauth2.token_url, data=form, headers=headers,
                                               timeout=aiohttp.ClientTimeout(total=request_timeout)) as resp:
                     text = await resp.text()
                     if resp.status != 200:
@@ -60,3 +67,9 @@ class TokenCache:
             expires = float(data.get("expires_in", 300))
             self._tokens[key] = (token, time.time() + expires)
             return token
+
+
+
+def _basic(user: str, password: str) -> str:
+    """RFC 7617 Basic credentials."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")

@@ -177,3 +177,40 @@ def _scp_on(tmp_path: Path, port: int) -> Any:
 async def _status(engine: Any, delivery_id: int, status: str) -> bool:
     row = await engine.store.get(delivery_id)
     return row is not None and row.status == status
+
+
+async def test_stow_forward_with_oauth2_client_credentials(aiohttp_client: Any, live_server_factory: Any,
+                                                           tmp_path: Path) -> None:
+    """The receiver (a dicomflow with authentication on) only takes tokens from a real OIDC provider."""
+    from dicomflow.settings import AuthSettings, IssuerSettings, TenantSettings
+    from tests.harness.oidc_provider import AUDIENCE, start_provider
+
+    provider = start_provider([{"client_id": "router", "client_secret": "router-secret",
+                                "claims": {"tenants": {"acme": ["technologist"]}}}])
+    try:
+        receiver = live_server_factory(make_settings(
+            tmp_path / "receiver",
+            tenants={"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"])},
+            auth=AuthSettings(issuers=[IssuerSettings(issuer=provider.issuer, audience=[AUDIENCE])])))
+        oauth2 = {"token_url": f"{provider.issuer}/token", "client_id": "router", "client_secret": "router-secret",
+                  "resource": AUDIENCE, "auth_method": "client_secret_post"}
+        settings = routing_settings(tmp_path / "sender", {"copy.yaml": """name: copy
+events: [instance.stored]
+actions: [{type: dicomweb, destination: acme-archive}, {type: dicomweb, destination: no-token}]
+"""}, {"acme-archive": {"type": "dicomweb", "url": receiver.tenant_dicomweb("acme"), "oauth2": oauth2},
+            "no-token": {"type": "dicomweb", "url": receiver.tenant_dicomweb("acme")}})
+        client = await aiohttp_client(create_app(settings))
+        await stow(client, study(2))
+        engine = client.app[ENGINE]
+        await wait_for(lambda: _count(engine, "done", 2), what="forwards with a token")
+        dead = await wait_for(lambda: engine.store.list_deliveries(status="dead"), what="forwards without one")
+        assert len(dead) == 2 and all("HTTP 401" in (d.last_error or "") for d in dead)
+        token = provider.token("router")
+        web = DICOMwebClient(receiver.tenant_dicomweb("acme"), headers={"Authorization": f"Bearer {token}"})
+        assert len(await asyncio.to_thread(web.search_for_instances, STUDY)) == 2
+    finally:
+        provider.stop()
+
+
+async def _count(engine: Any, status: str, n: int) -> bool:
+    return len(await engine.store.list_deliveries(status=status)) == n
