@@ -1,12 +1,15 @@
 """Admin HTTP API of the routing engine (under /admin: the ADMIN permission) and Prometheus /metrics.
 
 GET  /admin/routes                          routes and mappings in force, problems of the files on disk
-GET  /admin/deliveries?status=&route=&destination=&tenant=&study=&limit=&offset=
-GET  /admin/deliveries/{id}
-POST /admin/deliveries/{id}/retry           replay one delivery (dead, dropped or done)
-POST /admin/deliveries/{id}/drop            give up on one delivery
-POST /admin/deliveries/retry?status=dead    replay every dead letter
+GET  {root}/deliveries?status=&route=&destination=&study=&limit=&offset=
+GET  {root}/deliveries/{id}
+POST {root}/deliveries/{id}/retry           replay one delivery (dead, dropped or done)
+POST {root}/deliveries/{id}/drop            give up on one delivery
+POST {root}/deliveries/retry?status=dead    replay every dead letter
 GET  /metrics                               Prometheus text exposition
+
+``{root}`` is ``/tenants/{tenant}/admin`` for a tenant's deliveries, ``/admin`` for the default
+tenant's: an admin of one organization never sees another's (the auth middleware checks the role).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER, SETTINGS
-from dicomflow.engine.store import Status
+from dicomflow.dicomweb.common import tenant_of
+from dicomflow.engine.store import DeliveryRow, Status
 from dicomflow.engine.worker import RoutingEngine
 from dicomflow.errors import InvalidRequestError, NotFoundError
 from dicomflow.index.sql import SqlIndexStore
@@ -88,27 +92,30 @@ async def list_deliveries(request: web.Request) -> web.Response:
     if status is not None and status not in _STATUSES:
         raise InvalidRequestError(f"status must be one of {', '.join(sorted(_STATUSES))}")
     rows = await engine.store.list_deliveries(
-        status=status, tenant=request.query.get("tenant"), route=request.query.get("route"),
+        status=status, tenant=tenant_of(request), route=request.query.get("route"),
         destination=request.query.get("destination"), study_uid=request.query.get("study"),
         limit=_int(request, "limit", 100, 1000), offset=_int(request, "offset", 0, 10**9))
     return web.json_response([r.as_dict() for r in rows])
 
 
-async def get_delivery(request: web.Request) -> web.Response:
-    row = await _engine(request).store.get(_delivery_id(request))
-    if row is None:
+async def _row(request: web.Request, engine: RoutingEngine, delivery_id: int) -> DeliveryRow:
+    row = await engine.store.get(delivery_id)
+    if row is None or row.tenant != tenant_of(request):  # another tenant's: as if it did not exist
         raise NotFoundError("no such delivery")
-    return web.json_response(row.as_dict())
+    return row
+
+
+async def get_delivery(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    return web.json_response((await _row(request, engine, _delivery_id(request))).as_dict())
 
 
 async def retry_delivery(request: web.Request) -> web.Response:
     engine = _engine(request)
     delivery_id = _delivery_id(request)
-    changed = await engine.store.retry([delivery_id])
+    row = await _row(request, engine, delivery_id)
+    changed = await engine.store.retry([delivery_id], tenant=row.tenant)
     if not changed:
-        row = await engine.store.get(delivery_id)
-        if row is None:
-            raise NotFoundError("no such delivery")
         raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only dead, dropped or done ones "
                                   "can be retried")
     logger.info("delivery %d replayed by an operator", delivery_id)
@@ -119,11 +126,9 @@ async def retry_delivery(request: web.Request) -> web.Response:
 async def drop_delivery(request: web.Request) -> web.Response:
     engine = _engine(request)
     delivery_id = _delivery_id(request)
-    changed = await engine.store.drop([delivery_id])
+    row = await _row(request, engine, delivery_id)
+    changed = await engine.store.drop([delivery_id], tenant=row.tenant)
     if not changed:
-        row = await engine.store.get(delivery_id)
-        if row is None:
-            raise NotFoundError("no such delivery")
         raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only dead, pending or waiting "
                                   "ones can be dropped")
     logger.info("delivery %d dropped by an operator", delivery_id)
@@ -135,7 +140,7 @@ async def retry_all(request: web.Request) -> web.Response:
     status = request.query.get("status", Status.DEAD)
     if status not in (Status.DEAD, Status.DROPPED):
         raise InvalidRequestError("status must be dead or dropped")
-    changed = await engine.store.retry(None, status=status, tenant=request.query.get("tenant"))
+    changed = await engine.store.retry(None, status=status, tenant=tenant_of(request))
     logger.info("%d %s deliveries replayed by an operator", changed, status)
     engine.wake()
     return web.json_response({"retried": changed})
@@ -149,9 +154,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/admin/routes", list_routes)
-    app.router.add_get("/admin/deliveries", list_deliveries)
-    app.router.add_post("/admin/deliveries/retry", retry_all)
-    app.router.add_get("/admin/deliveries/{id}", get_delivery)
-    app.router.add_post("/admin/deliveries/{id}/retry", retry_delivery)
-    app.router.add_post("/admin/deliveries/{id}/drop", drop_delivery)
+    for root in ("/admin", "/tenants/{tenant}/admin"):
+        app.router.add_get(f"{root}/deliveries", list_deliveries)
+        app.router.add_post(f"{root}/deliveries/retry", retry_all)
+        app.router.add_get(f"{root}/deliveries/{{id}}", get_delivery)
+        app.router.add_post(f"{root}/deliveries/{{id}}/retry", retry_delivery)
+        app.router.add_post(f"{root}/deliveries/{{id}}/drop", drop_delivery)
     app.router.add_get("/metrics", metrics)

@@ -124,3 +124,26 @@ async def test_per_destination_concurrency_limit(aiohttp_client: Any, aiohttp_se
     await stow(client, [make_instance() for _ in range(12)])
     await wait_for(lambda: _async(seen == 12), what="12 deliveries")
     assert peak == 3  # in parallel, but never more than the destination allows
+
+
+async def test_admin_api_shows_a_tenant_only_its_own_deliveries(aiohttp_client: Any, aiohttp_server: Any,
+                                                                tmp_path: Path) -> None:
+    receiver = WebhookReceiver(SECRET)
+    hook = await aiohttp_server(receiver.app())
+    route = ("name: acme-hook\ntenants: [acme]\nevents: [instance.stored]\n"
+             "actions: [{type: webhook, destination: hook}]\n")
+    settings = routing_settings(tmp_path, {"r.yaml": route}, {
+        "hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET}})
+    client = await aiohttp_client(create_app(settings))
+    await stow(client, [make_instance()])  # default tenant: no route
+    await stow(client, [make_instance()], root="/tenants/acme/dicomweb")
+    await wait_for(lambda: _async(len(receiver.received) == 1), what="acme delivery")
+    assert receiver.received[0]["body"]["event"]["tenant"] == "acme"
+    acme = await (await client.get("/tenants/acme/admin/deliveries")).json()
+    assert [d["tenant"] for d in acme] == ["acme"]
+    assert await (await client.get("/admin/deliveries")).json() == []
+    assert (await client.get(f"/admin/deliveries/{acme[0]['id']}")).status == 404
+    assert (await client.post(f"/admin/deliveries/{acme[0]['id']}/retry")).status == 404
+    assert (await client.get(f"/tenants/acme/admin/deliveries/{acme[0]['id']}")).status == 200
+    resp = await client.post(f"/tenants/acme/admin/deliveries/{acme[0]['id']}/drop")
+    assert resp.status == 400 and "done" in (await resp.json())["detail"]
