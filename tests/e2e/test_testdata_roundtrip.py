@@ -1,10 +1,11 @@
 """Test data round-trips byte-exact through STOW-RS and WADO-RS instance retrieve (issue 2, item 9).
 
-Every file among pydicom's bundled test files that is a valid Part 10 composite instance (pydicom
-reads it without ``force`` and it carries the four UIDs) is stored and retrieved with
-``transfer-syntax=*`` and must come back byte for byte; the others (raw data sets, JSON, DICOMDIRs,
-truncated files) must be refused with a 4xx, never a 5xx. Generated instances cover what pydicom
-ships no sample of (MG, whole slide, ophthalmic, SEG...) in every transfer syntax and character set.
+Every file among pydicom's test files (bundled, plus pydicom-data's: a dev dependency) that is a
+valid Part 10 composite instance (pydicom reads it without ``force``; it carries the four UIDs, valid
+per PS3.5 9.1) is stored and retrieved with ``transfer-syntax=*`` and must come back byte for byte;
+the others (raw data sets, JSON, DICOMDIRs, truncated files) must be refused with a 4xx, never a 5xx.
+Generated instances cover what no sample shows (MG, whole slide, ophthalmic, SEG...) in every
+transfer syntax and character set.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ ANY_TS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 NOT_STORABLE = {
     "MR_truncated.dcm": "pixel data cut short",
     "rtplan_truncated.dcm": "a value runs past the end of the file",
+    "emri_small_jpeg_2k_lossless_too_short.dcm": "encapsulated pixel data cut short",  # pydicom-data
 }
 
 
@@ -87,7 +89,8 @@ def _storable(path: str) -> bool:
         return False
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         return False
-    return all(ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"))
+    uids = [ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    return all(uid and pydicom.uid.UID(str(uid)).is_valid for uid in uids)  # PS3.5 9.1 syntax
 
 
 def _multipart_parts(body: bytes, content_type: str) -> list[bytes]:
@@ -120,20 +123,21 @@ def roundtrip(server: LiveServer, data: bytes, tenant_url: str | None = None) ->
 
 def test_every_pydicom_sample_round_trips_or_is_refused_with_4xx(server: LiveServer) -> None:
     files = sorted(f for f in get_testdata_files() if os.path.isfile(f))
-    stored, refused = [], []
+    stored, refused, wrong = [], [], []
     for path in files:
         data = Path(path).read_bytes()
         status, content = roundtrip(server, data)
-        assert status < 500, (path, status)
         if _storable(path):
-            assert content is not None, (path, status)
-            assert content == data, f"{path}: retrieved bytes differ from the stored ones"
+            if content != data:
+                wrong.append((Path(path).name, status, "not stored" if content is None else "bytes differ"))
             stored.append(path)
         else:
-            assert 400 <= status < 500, (path, status)
+            if not 400 <= status < 500:
+                wrong.append((Path(path).name, status, "not refused with a 4xx"))
             refused.append(path)
+    assert wrong == []
     assert len(stored) >= 100 and len(refused) >= 20
-    assert {Path(p).name for p in refused} >= set(NOT_STORABLE)
+    assert {Path(p).name for p in refused} >= set(NOT_STORABLE) - {"emri_small_jpeg_2k_lossless_too_short.dcm"}
     state = store_state(server.settings)  # every study was deleted again: nothing left behind
     assert state.instances == [] and state.blobs == [] and state.spool == []
     assert len(state.events("instance.stored")) == len(stored) == len(state.events("study.deleted"))
