@@ -24,9 +24,9 @@ pytestmark = pytest.mark.e2e
 SECRET = "restart-secret"
 
 
-def start_server(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_server(config: Path, log: Path, command: str = "serve") -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "dicomflow", "serve", "--config", str(config)],
+        return subprocess.Popen([sys.executable, "-m", "dicomflow", command, "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -103,3 +103,53 @@ async def test_kill_9_during_deliveries_loses_nothing(aiohttp_server: Any, tmp_p
         if proc.poll() is None:
             proc.terminate()
             proc.wait(20)
+
+
+async def test_separate_worker_processes_share_the_queue(aiohttp_server: Any, tmp_path: Path) -> None:
+    """`dicomflow serve` with routing off plus two `dicomflow worker` processes on the same SQLite index."""
+    received: list[str] = []
+
+    async def hook_handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        received.append(request.headers["X-Dicomflow-Delivery"])
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook_handler)
+    hook = await aiohttp_server(app)
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    (routes / "all.yaml").write_text("name: all\nevents: [instance.stored]\n"
+                                     "actions: [{type: webhook, destination: hook}]\n")
+    port = free_port()
+    routing = {"routes_dir": str(routes), "mappings_dir": str(SHIPPED_MAPPINGS), "poll_interval": 0.05,
+               "destinations": {"hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET}}}
+    common = {"data_dir": str(tmp_path / "data"), "http": {"port": port}, "dimse": {"enabled": False}}
+    serve_config, worker_config = tmp_path / "serve.yaml", tmp_path / "worker.yaml"
+    serve_config.write_text(yaml.safe_dump({**common, "routing": {**routing, "enabled": False}}))
+    worker_config.write_text(yaml.safe_dump({**common, "routing": routing}))
+    log = tmp_path / "procs.log"
+    server = start_server(serve_config, log)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        await wait_http(f"http://127.0.0.1:{port}", server)
+        workers = [start_server(worker_config, log, "worker") for _ in range(2)]
+        body, ctype = multipart([make_instance(instance_number=i) for i in range(20)])
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"http://127.0.0.1:{port}/dicomweb/studies", data=body,
+                             headers={"Content-Type": ctype}) as resp:
+            assert resp.status == 200
+
+        async def twenty() -> bool:
+            return len(received) >= 20
+
+        await wait_for(twenty, within=60, what="20 deliveries by the workers")
+        await asyncio.sleep(0.5)
+        assert sorted(received) == sorted(set(received)) and len(received) == 20  # each exactly once
+    finally:
+        for proc in [*workers, server]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*workers, server]:
+            proc.wait(20)
+    assert all(w.returncode == 0 for w in workers), log.read_text()[-3000:]
