@@ -5,6 +5,9 @@ need=()
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 # PostgreSQL server binaries (initdb, pg_ctl): tests/harness/postgres.py starts a throwaway cluster
 command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+# Node.js + npm: the FHIR engine (Medplum) and the OIDC provider the tests run are npm packages (machines
+# of this kind ship Node 20; Debian's package is the fallback)
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
