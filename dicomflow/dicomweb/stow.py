@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, ClientConnectionError, ClientPayloadError, web
+from aiohttp import BodyPartReader, ClientConnectionError, ClientPayloadError, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dicomflow.appkeys import AUDIT_STUDIES, INGEST
@@ -28,6 +28,7 @@ from dicomflow.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from dicomflow.ingest.service import IngestService, Spool
 from dicomflow.model import Protocol, Source, StoreOutcome
 
 logger = logging.getLogger(__name__)
@@ -139,29 +140,120 @@ def _missing_prefix(head: bytes) -> bool:
     return head[128:132] != b"DICM" and head[:2] == b"\x02\x00" and head[4:6] in (b"UL", b"OB", b"UI")
 
 
-async def _store_part(request: web.Request, part: BodyPartReader, tenant: str, study: str | None,
-                      source: Source) -> StoreOutcome:
-    ingest = request.app[INGEST]
-    async with ingest.spool() as spool:
-        try:
-            head = b""
-            while len(head) < len(PART10_PREFIX) and (chunk := await part.read_chunk(PART_CHUNK)):
-                head += chunk
-            if _missing_prefix(head):
-                await spool.write(PART10_PREFIX)
-            if head:
-                await spool.write(head)
-            while chunk := await part.read_chunk(PART_CHUNK):
-                await spool.write(chunk)
-        except (ValueError, AssertionError, HttpProcessingError) as exc:
-            raise MultipartSyntaxError("malformed multipart part") from exc
-        except PayloadTooLargeError:
-            await part.release()
-            raise
+async def _receive_part(request: web.Request, part: BodyPartReader) -> Spool:
+    """Read one part into a new spool; the caller owns (and eventually discards) the spool."""
+    spool = request.app[INGEST].spool()
+    try:
+        head = b""
+        while len(head) < len(PART10_PREFIX) and (chunk := await part.read_chunk(PART_CHUNK)):
+            head += chunk
+        if _missing_prefix(head):
+            await spool.write(PART10_PREFIX)
+        if head:
+            await spool.write(head)
+        while chunk := await part.read_chunk(PART_CHUNK):
+            await spool.write(chunk)
         if not part.at_eof():
             # RFC 2046 5.1.1: a part ends at the next delimiter; the body ended first, so it may be cut
             raise MultipartSyntaxError("multipart body ends without a closing boundary")
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        spool.discard()
+        raise MultipartSyntaxError("malformed multipart part") from exc
+    except PayloadTooLargeError:
+        spool.discard()
+        await part.release()
+        raise
+    except BaseException:
+        spool.discard()
+        raise
+    return spool
+
+
+async def _commit_part(ingest: IngestService, spool: Spool, tenant: str, study: str | None,
+                       source: Source) -> StoreOutcome:
+    async with spool:
         return await ingest.store(tenant, spool, source=source, expected_study_uid=study)
+
+
+def _failure_of(exc: DicomServiceError, tenant: str, part: int) -> _Failure:
+    # each failed instance becomes one FailedSOPSequence item (PS3.18 10.5.3, Annex I)
+    logger.warning("STOW tenant=%s part=%d failed %04X: %s", tenant, part, exc.dimse_status, exc.detail)
+    syntax = isinstance(exc, MultipartSyntaxError)
+    return _Failure(exc.dimse_status, exc.detail, exc.sop_class_uid, exc.sop_instance_uid,
+                    http_status=400 if syntax else exc.http_status if exc.http_status == 413 else 409,
+                    retryable=exc.retryable)
+
+
+async def _outcome_of(task: asyncio.Task[StoreOutcome], tenant: str, part: int) -> StoreOutcome | _Failure:
+    try:
+        return await task
+    except DicomServiceError as exc:
+        return _failure_of(exc, tenant, part)
+    except Exception:  # a bug or backend fault: report this instance, keep the others' outcomes
+        logger.exception("STOW tenant=%s part=%d failed unexpectedly", tenant, part)
+        return _Failure(FAILURE_PROCESSING, "internal error while storing the instance")
+
+
+#: parts of one request being stored while the next one is read
+STOW_PIPELINE = 4
+
+
+async def _read_parts(request: web.Request, reader: MultipartReader, tenant: str, study: str | None,
+                      source: Source, ingest: IngestService,
+                      slots: list[StoreOutcome | _Failure | tuple[int, asyncio.Task[StoreOutcome]]],
+                      running: set[asyncio.Task[StoreOutcome]]) -> int:
+    """Read every part; append one slot per part (a failure, or the task storing it). Returns the part count."""
+    parts = 0
+    while True:
+        if len(running) >= STOW_PIPELINE:
+            _done, still = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            running.intersection_update(still)
+        try:
+            part = await reader.next()
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # bad boundary or part headers
+            if not parts:
+                raise InvalidRequestError("malformed multipart body") from exc
+            slots.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point",
+                                  http_status=400))
+            break
+        except _BODY_CUT as exc:
+            if not parts:
+                raise InvalidRequestError(_INCOMPLETE) from exc
+            slots.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE, http_status=400))
+            break
+        if part is None:
+            break
+        parts += 1
+        if not isinstance(part, BodyPartReader):
+            await part.release()
+            slots.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "nested multipart is not supported"))
+            continue
+        # RFC 2387 3.1: a part without Content-Type has the root type, application/dicom here
+        part_type = parse_media_type(part.headers.get("Content-Type", "application/dicom")).type
+        if part_type != "application/dicom":
+            await part.release()
+            slots.append(_Failure(UnsupportedMediaTypeError.dimse_status,
+                                  f"part media type {part_type!r} is not application/dicom"))
+            continue
+        try:
+            spool = await _receive_part(request, part)
+        except DicomServiceError as exc:
+            slots.append(_failure_of(exc, tenant, parts))
+            continue
+        except _BODY_CUT:
+            # the peer closed the connection or sent less than Content-Length: this part is dropped (its
+            # spool discarded); instances stored before it are reported, though the peer may be gone
+            logger.info("STOW tenant=%s part=%d: request body ended early", tenant, parts)
+            slots.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE, http_status=400))
+            break
+        except Exception:  # a bug or backend fault: report this instance, keep the others' outcomes
+            logger.exception("STOW tenant=%s part=%d failed unexpectedly", tenant, parts)
+            slots.append(_Failure(FAILURE_PROCESSING, "internal error while storing the instance"))
+            continue
+        task = asyncio.create_task(_commit_part(ingest, spool, tenant, study, source))
+        running.add(task)
+        slots.append((parts, task))
+    return parts
 
 
 async def stow(request: web.Request) -> web.Response:
@@ -177,54 +269,29 @@ async def stow(request: web.Request) -> web.Response:
     except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise InvalidRequestError("malformed multipart body") from exc
 
-    parts = 0
-    while True:
-        try:
-            part = await reader.next()
-        except (ValueError, AssertionError, HttpProcessingError) as exc:  # bad boundary or part headers
-            if not parts:
-                raise InvalidRequestError("malformed multipart body") from exc
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "malformed multipart body after this point",
-                                   http_status=400))
-            break
-        except _BODY_CUT as exc:
-            if not parts:
-                raise InvalidRequestError(_INCOMPLETE) from exc
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE, http_status=400))
-            break
-        if part is None:
-            break
-        parts += 1
-        if not isinstance(part, BodyPartReader):
-            await part.release()
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, "nested multipart is not supported"))
-            continue
-        # RFC 2387 3.1: a part without Content-Type has the root type, application/dicom here
-        part_type = parse_media_type(part.headers.get("Content-Type", "application/dicom")).type
-        if part_type != "application/dicom":
-            await part.release()
-            failed.append(_Failure(UnsupportedMediaTypeError.dimse_status,
-                                   f"part media type {part_type!r} is not application/dicom"))
-            continue
-        try:
-            stored.append(await _store_part(request, part, tenant, study, source))
-        except DicomServiceError as exc:
-            # each failed instance becomes one FailedSOPSequence item (PS3.18 10.5.3, Annex I)
-            logger.warning("STOW tenant=%s part=%d failed %04X: %s", tenant, parts, exc.dimse_status,
-                           exc.detail)
-            syntax = isinstance(exc, MultipartSyntaxError)
-            failed.append(_Failure(exc.dimse_status, exc.detail, exc.sop_class_uid, exc.sop_instance_uid,
-                                   http_status=400 if syntax else exc.http_status if exc.http_status == 413 else 409,
-                                   retryable=exc.retryable))
-        except _BODY_CUT:
-            # the peer closed the connection or sent less than Content-Length: this part is dropped (its
-            # spool discarded); instances stored before it are reported, though the peer may be gone
-            logger.info("STOW tenant=%s part=%d: request body ended early", tenant, parts)
-            failed.append(_Failure(FAILURE_CANNOT_UNDERSTAND, _INCOMPLETE, http_status=400))
-            break
-        except Exception:  # a bug or backend fault: report this instance, keep the others' outcomes
-            logger.exception("STOW tenant=%s part=%d failed unexpectedly", tenant, parts)
-            failed.append(_Failure(FAILURE_PROCESSING, "internal error while storing the instance"))
+    # Parts are read one after the other (the body is one stream), but each read part is stored by a task
+    # while the next one is read: up to STOW_PIPELINE per request, so that one instance's fsyncs and
+    # commit overlap the next one's upload and parse. Outcomes are kept in part order.
+    ingest = request.app[INGEST]
+    slots: list[StoreOutcome | _Failure | tuple[int, asyncio.Task[StoreOutcome]]] = []
+    running: set[asyncio.Task[StoreOutcome]] = set()
+    try:
+        parts = await _read_parts(request, reader, tenant, study, source, ingest, slots, running)
+    finally:
+        # every store task is waited for, even when reading ends by an exception (asyncio.wait: never
+        # cancels them), and its exception is retrieved; outcomes are taken from the tasks below
+        tasks = [slot[1] for slot in slots if isinstance(slot, tuple)]
+        if tasks:
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()
+    for slot in slots:
+        outcome = await _outcome_of(slot[1], tenant, slot[0]) if isinstance(slot, tuple) else slot
+        if isinstance(outcome, _Failure):
+            failed.append(outcome)
+        else:
+            stored.append(outcome)
     if parts == 0:
         # PS3.18 Table 10.5.3-1: 400, nothing could be stored because of bad syntax
         raise InvalidRequestError("multipart body contains no parts")
