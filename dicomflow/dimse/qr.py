@@ -60,6 +60,7 @@ from dicomflow.dimse.scu import (
     association_kwargs,
     load_for_peer,
     propose_contexts,
+    route_stored_instances,
 )
 from dicomflow.errors import DicomServiceError, InvalidQueryError, NotAcceptableError, OutOfResourcesError
 from dicomflow.index.base import InstanceRecord
@@ -158,11 +159,16 @@ class LoopStream(Generic[T]):
         if aclose is not None:
             await aclose()
 
+    async def _start_and_take(self) -> list[Any]:
+        await self._start()
+        return await self._take()
+
     def __iter__(self) -> Iterator[T]:
-        self._ctx.run(self._start())
+        take = self._start_and_take  # the first hop also starts the producer: one loop hop saved
         try:
             while True:
-                for item in self._ctx.run(self._take()):
+                batch, take = self._ctx.run(take()), self._take
+                for item in batch:
                     if item is _END:
                         return
                     if isinstance(item, BaseException):
@@ -447,7 +453,7 @@ class QueryRetrieve:
             detail = "no presentation context accepted for the SOP Class"
         except NotAcceptableError as exc:
             detail = exc.detail
-        except (OSError, DicomServiceError) as exc:
+        except Exception as exc:  # one unreadable blob fails its sub-operation, not the whole retrieve
             detail = f"stored instance unreadable: {type(exc).__name__}"
             logger.exception("sub-operation: instance %s unreadable", rec.sop_uid)
         logger.warning("sub-operation for %s fails: %s", rec.sop_uid, detail)
@@ -473,8 +479,13 @@ class QueryRetrieve:
         records = self._records_or_raise(event, tenant, "C-MOVE")
         store_assoc: list[Association] = []
         contexts = _contexts_for(records)
+
+        def accepted(e: Event) -> None:
+            route_stored_instances(e.assoc)  # StoredInstance stand-ins go from their files, as stored
+            store_assoc.append(e.assoc)
+
         kwargs = association_kwargs(node, contexts, self.ctx.settings.dimse,
-                                    extra_handlers=[(evt.EVT_ACCEPTED, lambda e: store_assoc.append(e.assoc))])
+                                    extra_handlers=[(evt.EVT_ACCEPTED, accepted)])
         yield node.host, node.port, kwargs
         yield len(records)
         logger.info("C-MOVE assoc=%s tenant=%s to %s: %d instances", assoc.name, tenant, node.ae_title,
@@ -491,6 +502,19 @@ class QueryRetrieve:
         assoc = event.assoc
         tenant = self._tenant(assoc)
         records = self._records_or_raise(event, tenant, "C-GET")
+        # the sub-operations run on this association: let its DUL thread poll faster while they do
+        # (see scu.set_nodelay); restored when the C-GET ends
+        dul = assoc.dul
+        idle_delay, dul._run_loop_delay = dul._run_loop_delay, min(dul._run_loop_delay, 0.0002)
+        undo = route_stored_instances(assoc)
+        try:
+            yield from self._get_sub_operations(event, tenant, records)
+        finally:
+            undo()
+            dul._run_loop_delay = idle_delay
+
+    def _get_sub_operations(self, event: Event, tenant: str, records: list[InstanceRecord]) -> Iterator[Any]:
+        assoc = event.assoc
         yield len(records)
         logger.info("C-GET assoc=%s tenant=%s: %d instances", assoc.name, tenant, len(records))
         for rec in records:

@@ -17,17 +17,22 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
@@ -117,17 +122,16 @@ def accepted_syntaxes(assoc: Association, sop_class_uid: str, role: str = "scu")
 
 
 def load_for_peer(blobs: BlobStore, record: InstanceRecord, accepted: set[str]) -> Dataset:
-    """Read a stored instance, ready for ``send_c_store`` on a context whose syntax is in ``accepted``.
+    """A stored instance, ready for ``send_c_store`` on a context whose syntax is in ``accepted``.
 
-    As stored when possible: the data set is read without decoding any value, and pydicom writes raw
-    elements back unchanged, so the peer receives the stored data set bytes. Otherwise the instance is
-    converted to the best syntax the peer accepted. Raises :class:`NotAcceptableError` when there is none.
-    One instance is held in memory at a time.
+    As stored when possible: a :class:`StoredInstance` stand-in that :func:`send_stored` sends from the
+    blob's file, so the peer receives the stored data set bytes. Otherwise the instance is read and
+    converted to the best syntax the peer accepted (one instance in memory at a time). Raises
+    :class:`NotAcceptableError` when there is none.
     """
     stored = record.transfer_syntax_uid
     if stored in accepted:
-        with blobs.open_sync(record.blob_key) as fh:
-            return pydicom.dcmread(fh)
+        return StoredInstance(blobs, record)
     # An uncompressed little endian data set goes as it is: pynetdicom re-encodes explicit <-> implicit VR.
     if stored in FALLBACK_SYNTAXES and accepted & set(FALLBACK_SYNTAXES):
         with blobs.open_sync(record.blob_key) as fh:
@@ -142,6 +146,70 @@ def load_for_peer(blobs: BlobStore, record: InstanceRecord, accepted: set[str]) 
                                      sop_instance_uid=record.sop_uid)
         converted = transcode(fh, target)
     return pydicom.dcmread(io.BytesIO(converted))
+
+
+class StoredInstance(Dataset):
+    """Stands for an instance that goes to the peer exactly as stored (see :func:`send_stored`).
+
+    It is a Dataset carrying only the SOP Class/Instance UIDs and the stored transfer syntax, because
+    pynetdicom's C-MOVE/C-GET sub-operation loop takes Datasets (and lists the SOP Instance UID of a
+    failed one in the Failed SOP Instance UID List); the bytes are read from the blob when sent.
+    """
+
+    def __init__(self, blobs: BlobStore, record: InstanceRecord) -> None:
+        super().__init__()
+        self.SOPClassUID = record.sop_class_uid
+        self.SOPInstanceUID = record.sop_uid
+        self.file_meta = FileMetaDataset()
+        self.file_meta.TransferSyntaxUID = UID(record.transfer_syntax_uid)
+        self.blobs = blobs
+        self.record = record
+
+
+@contextlib.contextmanager
+def local_file(blobs: BlobStore, key: str) -> Iterator[Path]:
+    """A local Part 10 file holding the blob: its own file for a filesystem store, else a spooled copy."""
+    with blobs.open_sync(key) as fh:
+        name = getattr(fh, "name", None)
+        if isinstance(name, str) and os.path.isfile(name):
+            yield Path(name)
+            return
+        with tempfile.NamedTemporaryFile(prefix="dicomflow-send-", suffix=".dcm") as tmp:
+            shutil.copyfileobj(fh, tmp, 1 << 20)
+            tmp.flush()
+            yield Path(tmp.name)
+
+
+def send_stored(original: Callable[..., Dataset], dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+    """``Association.send_c_store`` that sends a :class:`StoredInstance` from its file.
+
+    pynetdicom sends a file given by path as it is (from the end of its File Meta) when the
+    process-wide ``_config.STORE_SEND_CHUNKED_DATASET`` is on (set at start-up, see
+    :func:`configure_pynetdicom`): no decoding, no re-encoding, flat memory. With it off, pynetdicom reads
+    the file and re-encodes its raw elements, which leaves the bytes unchanged too.
+    """
+    if isinstance(dataset, StoredInstance):
+        with local_file(dataset.blobs, dataset.record.blob_key) as path:
+            return original(path, *args, **kwargs)
+    return original(dataset, *args, **kwargs)
+
+
+def route_stored_instances(assoc: Association) -> Callable[[], None]:
+    """Make ``assoc.send_c_store`` (called by pynetdicom's sub-operation loop) understand
+    :class:`StoredInstance`; returns the function that undoes it."""
+    original = assoc.send_c_store
+    assoc.send_c_store = partial(send_stored, original)  # type: ignore[method-assign]
+
+    def undo() -> None:
+        assoc.__dict__.pop("send_c_store", None)
+
+    return undo
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom switch for senders, set once at start-up (STYLE 2.7): files sent by path
+    stream from disk as they are."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def _size(fh: Any) -> int:
@@ -172,6 +240,9 @@ def outcome_of(status: Dataset | None) -> tuple[SubOperationOutcome, int | None]
 
 def set_nodelay(event: evt.Event) -> None:
     """EVT_CONN_OPEN handler: disable Nagle, or every small PDU waits for the peer's delayed ACK."""
+    # pynetdicom's DUL thread polls its queues, sleeping _run_loop_delay (1 ms) when idle: three polls per
+    # C-STORE round trip. A busy sending association polls faster; it only lives for its batch.
+    event.assoc.dul._run_loop_delay = 0.0002
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):  # a socket the peer already closed
@@ -271,9 +342,9 @@ def send_instance(assoc: Association, blobs: BlobStore, rec: InstanceRecord, *, 
     sent_as = str(ds.file_meta.TransferSyntaxUID)
     originator_ae, originator_id = move_originator or (None, None)
     try:
-        status = assoc.send_c_store(ds, msg_id=msg_id % 0x10000 or 1,
-                                    originator_aet=originator_ae, originator_id=originator_id)
-    except (ValueError, AttributeError, RuntimeError) as exc:
+        status = send_stored(assoc.send_c_store, ds, msg_id=msg_id % 0x10000 or 1,
+                             originator_aet=originator_ae, originator_id=originator_id)
+    except (OSError, ValueError, AttributeError, RuntimeError) as exc:
         return SubOperation(rec.sop_uid, SubOperationOutcome.FAILED, detail=f"not sent: {exc}")
     outcome, code = outcome_of(status)
     return SubOperation(rec.sop_uid, outcome, code, _sent_syntax(assoc, rec.sop_class_uid, sent_as))

@@ -155,6 +155,9 @@ class DimseServer:
         # STYLE 2.6: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO by default (patient data).
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        # C-MOVE/C-GET sub-operations and DICOM forwards send stored files by path: stream them as they
+        # are (dimse/scu.py send_stored) instead of decoding and re-encoding each instance in memory.
+        _config.STORE_SEND_CHUNKED_DATASET = True
         ae = AE(ae_title="DICOMFLOW")
         ae.maximum_associations = self.settings.max_associations
         ae.acse_timeout = self.settings.acse_timeout

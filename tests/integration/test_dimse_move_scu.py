@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import io
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -153,3 +156,36 @@ async def test_unsupported_sop_class_fails_only_that_instance(
     assert results[0].outcome is SubOperationOutcome.FAILED
     assert "no presentation context" in results[0].detail
     assert results[1].outcome is SubOperationOutcome.COMPLETED
+
+
+class _NoLocalFiles:
+    """A blob store whose blobs are not local files (as with S3): send_stored must spool them."""
+
+    def __init__(self, inner: FilesystemBlobStore) -> None:
+        self.inner = inner
+
+    def open_sync(self, key: str) -> io.BytesIO:
+        with self.inner.open_sync(key) as fh:
+            return io.BytesIO(fh.read())
+
+
+async def test_as_stored_from_a_store_without_local_files(
+    tmp_path: Path, store: tuple[FilesystemBlobStore, Offloader], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # what the server sets at start-up
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    blobs, off = store
+    rle = _rle(instance_number=9)
+    rec = await _put(blobs, tmp_path, rle, CT_IMAGE, RLELossless)
+    with storescp(tmp_path / "recv", "DEST", "+xa") as scp:
+        scu = StoreScu(_NoLocalFiles(blobs), "DICOMFLOW", DimseSettings())  # type: ignore[arg-type]
+        node = RemoteNode(ae_title="DEST", host="127.0.0.1", port=scp.port)
+        [result] = await scu.send_async(off, node, [rec])
+        [file] = scp.wait_files(1)
+    assert result.outcome is SubOperationOutcome.COMPLETED and result.transfer_syntax == RLELossless
+    assert dataset_bytes(file) == dataset_bytes(rle)
+    assert await asyncio.to_thread(os.listdir, spool) == []  # the spooled copy is gone
