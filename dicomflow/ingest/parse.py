@@ -263,6 +263,14 @@ def parse_part10(path: Path, threshold: int) -> ParsedInstance:
             # PS3.3 C.7.6.3: the Image Pixel module comes with Pixel Data (else the file was cut before it)
             raise DatasetMismatchError("Image Pixel module without Pixel Data: truncated?",
                                        sop_instance_uid=uids[0x00080018], sop_class_uid=uids[0x00080016])
+    if ts.is_deflated:
+        # PS3.5 A.5: pydicom inflates the whole data set in memory anyway; read it again with the pixel
+        # data (offsets inside the inflated stream mean nothing in the file, so nothing is deferred)
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise UnreadableInstanceError("DICOM data set could not be parsed", sop_instance_uid=uids[0x00080018],
+                                          sop_class_uid=uids[0x00080016]) from exc
     try:
         metadata, dropped = dataset_to_json(ds, threshold)
     except Exception as exc:
@@ -270,8 +278,13 @@ def parse_part10(path: Path, threshold: int) -> ParsedInstance:
                                       sop_class_uid=uids[0x00080016]) from exc
     frames: int | None = None
     pixel_offset: int | None = None
+    if ts.is_deflated:
+        deflated_pixel = next((tag for tag in PIXEL_TAGS if tag in ds), None)
+        if deflated_pixel is not None:  # bulk data, retrievable by inflating the blob (no byte offset)
+            pixel = (0, deflated_pixel, str(ds[deflated_pixel].VR))
     if pixel is not None:
         pixel_offset, pixel_tag, pixel_vr = pixel
+        pixel_offset = None if ts.is_deflated else pixel_offset
         metadata[_tag_hex(pixel_tag)] = {"vr": pixel_vr, "BulkDataURI": f"{BULK_PLACEHOLDER}/{pixel_tag:08X}"}
         try:
             frames = int(ds.get("NumberOfFrames", 1) or 1)

@@ -269,6 +269,9 @@ def test_deflated_instance_is_parsed(tmp_path: Path) -> None:
     assert parsed.sop_instance_uid == "1.2.3.9"
     assert parsed.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
     assert parsed.metadata["00100010"]["Value"] == [{"Alphabetic": "Doe^John"}]
+    # the pixel data is there (as bulk data), but has no byte offset in the deflated file
+    assert parsed.metadata["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{BULK_PLACEHOLDER}/7FE00010"}
+    assert parsed.pixel_data_offset is None and parsed.number_of_frames == 1
     with pytest.raises(UnreadableInstanceError):  # zlib refuses a cut deflate stream
         data = to_bytes(with_transfer_syntax(ds, DeflatedExplicitVRLittleEndian))
         parse_part10(_write(tmp_path, data[:-200]), 1024)
