@@ -223,3 +223,22 @@ async def test_each_instance_is_parsed_once_off_the_event_loop(
     assert status == 200
     assert len(calls) == 3 and loop_thread not in calls
     assert all(name.startswith("dicomflow-work") for name in calls)  # the app's Offloader pool
+
+
+async def test_blob_is_durable_before_the_index_commit(
+        client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
+    """ARCHITECTURE: the row and its outbox event are committed only once the blob is in place."""
+    ingest = ingest_of(client)
+    original = ingest.index.store_instance
+    seen: list[tuple[str, bool]] = []
+
+    async def checking(tenant: str, parsed: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs["blob_key"], await ingest.blobs.exists(kwargs["blob_key"])))
+        assert store_state(settings).instances == []  # nothing committed yet
+        return await original(tenant, parsed, **kwargs)
+
+    monkeypatch.setattr(ingest.index, "store_instance", checking)
+    status, _body, _ = await stow(client, [make_instance()])
+    assert status == 200
+    assert len(seen) == 1 and seen[0][1] is True
+    assert_consistent(store_state(settings), {i[3] for i in store_state(settings).instances})
