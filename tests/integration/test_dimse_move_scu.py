@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import io
 import os
+import ssl
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -189,3 +191,29 @@ async def test_as_stored_from_a_store_without_local_files(
     assert result.outcome is SubOperationOutcome.COMPLETED and result.transfer_syntax == RLELossless
     assert dataset_bytes(file) == dataset_bytes(rle)
     assert await asyncio.to_thread(os.listdir, spool) == []  # the spooled copy is gone
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+async def test_tls_node(tmp_path: Path, store: tuple[FilesystemBlobStore, Offloader]) -> None:
+    """RemoteNode.tls: the association runs over TLS and the peer's certificate is verified."""
+    blobs, off = store
+    key, cert = await asyncio.to_thread(_self_signed, tmp_path)
+    data = to_bytes(make_dataset())
+    rec = await _put(blobs, tmp_path, data, CT_IMAGE, ExplicitVRLittleEndian)
+    with storescp(tmp_path / "recv", "DEST", "+tls", str(key), str(cert), "-pw", "-ic") as scp:
+        node = RemoteNode(ae_title="DEST", host="127.0.0.1", port=scp.port, tls=True)
+        trusted = ssl.create_default_context(cafile=str(cert))
+        [ok] = await StoreScu(blobs, "DICOMFLOW", DimseSettings(), ssl_context=trusted).send_async(off, node, [rec])
+        [file] = scp.wait_files(1)
+        # without trusting the peer's certificate the handshake fails: nothing is sent in clear text
+        [refused] = await StoreScu(blobs, "DICOMFLOW", DimseSettings(acse_timeout=5)).send_async(off, node, [rec])
+    assert ok.outcome is SubOperationOutcome.COMPLETED
+    assert dataset_bytes(file) == dataset_bytes(data)
+    assert refused.outcome is SubOperationOutcome.FAILED and refused.detail == "association failed"
