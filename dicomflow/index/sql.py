@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -101,12 +102,36 @@ def make_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     elif url.startswith(("postgresql://", "postgres://")):
+        dsn = "postgresql://" + url.split("://", 1)[1]
+
+        async def connect() -> Any:
+            try:
+                return await asyncpg.connect(dsn, timeout=10)
+            except (OSError, TimeoutError, asyncpg.CannotConnectNowError,
+                    asyncpg.TooManyConnectionsError) as exc:
+                raise OutOfResourcesError("index database unavailable") from exc
+
         # pre-ping: connections broken by a PostgreSQL restart are replaced, not handed out
-        engine = create_async_engine("postgresql+asyncpg://" + url.split("://", 1)[1],
+        engine = create_async_engine("postgresql+asyncpg://", async_creator=connect,
                                      pool_size=10, max_overflow=10, pool_pre_ping=True)
     else:
         raise ValueError(f"unsupported index URL {url!r}: use sqlite:///path or postgresql://...")
+    sa.event.listen(engine.sync_engine, "handle_error", _unavailable)
     return engine
+
+
+#: SQLSTATE classes/codes meaning "the database is not there right now" (PostgreSQL Appendix A):
+#: 08 connection exception, 53 insufficient resources, 57P01-57P03 shutdown / cannot connect now
+_UNAVAILABLE_STATES = ("08", "53", "57P01", "57P02", "57P03")
+
+
+def _unavailable(context: sa.engine.ExceptionContext) -> None:
+    """Every query path, ours or others': a database that is down or full is 503 / 0xA700, not 500."""
+    original = context.original_exception
+    state = str(getattr(original, "sqlstate", "") or "")
+    if context.is_disconnect or isinstance(original, (OSError, TimeoutError)) or (
+            state and state.startswith(_UNAVAILABLE_STATES)):
+        raise OutOfResourcesError("index database unavailable") from original
 
 
 class SqlIndexStore:

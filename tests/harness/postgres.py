@@ -100,12 +100,21 @@ class PgCluster:
         subprocess.run(cluster._cmd("initdb", "-D", str(cluster.datadir), "-U", "postgres", "-A", "trust",
                                     "-E", "UTF8", f"--locale={locale}", "--no-sync"),
                        check=True, capture_output=True, env=env, timeout=120)
-        options = (f"-p {cluster.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        subprocess.run(cluster._cmd("pg_ctl", "-D", str(cluster.datadir), "-l", str(base / "server.log"),
-                                    "-o", options, "-w", "-t", "60", "start"),
-                       check=True, capture_output=True, env=env, timeout=90)
+        cluster.resume()
         return cluster
+
+    def resume(self) -> None:
+        """Start the server (again) on the same port and data."""
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        subprocess.run(self._cmd("pg_ctl", "-D", str(self.datadir), "-l", str(self.base / "server.log"),
+                                 "-o", options, "-w", "-t", "60", "start"),
+                       check=True, capture_output=True, env={**os.environ, "LC_ALL": "C.UTF-8"}, timeout=90)
+
+    def pause(self) -> None:
+        """Stop the server as an operator restarting it would (connections are terminated)."""
+        subprocess.run(self._cmd("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "stop"),
+                       check=True, capture_output=True, timeout=60)
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.SubprocessError, OSError):
