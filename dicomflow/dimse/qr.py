@@ -150,12 +150,13 @@ class LoopStream(Generic[T]):
             items.append(self._queue.get_nowait())
         return items
 
-    async def _stop(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+    @staticmethod
+    async def _stop(task: asyncio.Task[None] | None, source: AsyncIterator[Any] | None) -> None:
+        if task is not None and not task.done():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        aclose = getattr(self._source, "aclose", None)
+                await task
+        aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
 
@@ -178,11 +179,28 @@ class LoopStream(Generic[T]):
             self.close()
 
     def close(self) -> None:
-        if self._source is not None or self._task is not None:
-            try:
-                self._ctx.run(self._stop())
-            finally:
-                self._source, self._task = None, None
+        if self._source is None and self._task is None:
+            return
+        task, source = self._task, self._source
+        self._source, self._task = None, None
+        if _running_loop() is self._ctx.loop:
+            # a generator finalised by the garbage collector on the loop's own thread: waiting here
+            # would block the loop, so the cleanup runs as a task instead
+            cleanup = self._ctx.loop.create_task(self._stop(task, source))
+            _CLEANUPS.add(cleanup)  # the loop keeps only a weak reference to tasks
+            cleanup.add_done_callback(_CLEANUPS.discard)
+        else:
+            self._ctx.run(self._stop(task, source))
+
+
+_CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 # -- identifier handling ----------------------------------------------------------------------------------
@@ -405,6 +423,7 @@ class QueryRetrieve:
         own = [str(v).strip() for v in (identifier.get(own_tag) or {}).get("Value") or [] if str(v).strip()]
         if not own or any("*" in v or "?" in v for v in own):
             raise _Refused(IDENTIFIER_DOES_NOT_MATCH, f"unique key {own_tag} needs one or more values", own_tag)
+
         def key(lvl: Level, values: list[str]) -> dict[str, Any]:
             return {"vr": "LO" if lvl is Level.PATIENT else "UI", "Value": values}
 
