@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Orthanc's DICOM server is dcmtk too: without TCP_NODELAY in its environment, Nagle and delayed ACKs
+    # cap it at ~20 instances/s per association, which would flatter us. Both servers inherit this.
+    os.environ["TCP_NODELAY"] = "1"
     workdir = Path(tempfile.mkdtemp(prefix="dicomflow-bench-dimse-"))
     started: list[Server] = []
     results: list[StoreResult] = []

@@ -401,3 +401,39 @@ def test_instance_over_the_size_limit_is_refused_with_a700(live_server_factory: 
     state = store_state(server.settings)
     assert [i[3] for i in state.instances] == [small.SOPInstanceUID]
     assert state.spool == []
+
+
+def _multipart_parts(body: bytes, content_type: str) -> list[bytes]:
+    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
+    parts = []
+    for chunk in body.split(b"--" + boundary)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _, _, payload = chunk.partition(b"\r\n\r\n")
+        parts.append(payload.removesuffix(b"\r\n"))
+    return parts
+
+
+def test_cstore_then_wado_retrieve_is_identical(live_server_factory: Any, tmp_path: Path) -> None:
+    """Cross-protocol: what storescu stored, WADO-RS returns byte for byte (PS3.18 10.4.1.1.1)."""
+    server = start(live_server_factory, tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    study = uid.generate_uid()
+    sent = {}
+    for name, ds in (("ct", make_dataset(study_uid=study)),
+                     ("rle", with_transfer_syntax(make_dataset(study_uid=study, instance_number=2), uid.RLELossless))):
+        sent[ds.SOPInstanceUID] = (_write(folder, name, ds), ds.SeriesInstanceUID, ds.file_meta.TransferSyntaxUID)
+    result = dcmtk("storescu", "-R", "-xr", "+sd", "-aec", "DICOMFLOW", "127.0.0.1", str(dimse_port(server)),
+                   str(folder))
+    assert result.returncode == 0, result.stderr
+    blobs = stored_blobs(server.settings)
+    for sop, (path, series, ts) in sent.items():
+        url = f"{server.dicomweb}/studies/{study}/series/{series}/instances/{sop}"
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        req = urllib.request.Request(url, headers={"Accept": accept})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            parts = _multipart_parts(resp.read(), resp.headers["Content-Type"])
+        assert len(parts) == 1
+        assert parts[0] == blobs[("default", sop)]  # the stored object, unchanged
+        assert dataset_part(parts[0]) == dataset_part(path.read_bytes()), ts  # = what storescu sent
