@@ -28,7 +28,7 @@ def parse_storage_url(url: str) -> StorageLocation:
     """Parse ``file:///path`` or ``s3://bucket[/prefix]``; raise ``ValueError`` with the accepted forms."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost") or not parsed.path:
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise ValueError(f"unsupported storage URL {url!r}: use file:///absolute/path")
         return StorageLocation("file", root=Path(unquote(parsed.path)))
     if parsed.scheme == "s3":
