@@ -8,6 +8,7 @@ What it finds, and what ``--repair`` does about it:
 - blobs no row references (a crash between blob write and commit, a failed delete): deleted when
   older than ``--grace`` (younger ones may belong to a store still committing).
 - spool files older than ``--grace`` (a crash during receive): deleted.
+- S3 multipart uploads left unfinished (a crash mid-upload) older than ``--grace``: aborted.
 - outbox events and deliveries whose claim expired (a worker died holding them): released, so the
   next worker picks them up (deliveries are at-least-once; connectors are idempotent).
 
@@ -40,6 +41,7 @@ from dicomflow.offload import Offloader
 from dicomflow.settings import Settings, load_settings
 from dicomflow.storage.base import BlobInfo, BlobStore
 from dicomflow.storage.factory import open_blob_store, spool_dir
+from dicomflow.storage.s3 import PendingUpload, S3BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class FsckReport:
     #: unreferenced blobs younger than the grace period: probably a store in progress
     young_unreferenced_blobs: int = 0
     stale_spool_files: list[str] = field(default_factory=list)
+    #: unfinished S3 multipart uploads (blob keys)
+    stale_uploads: list[str] = field(default_factory=list)
     expired_outbox_claims: list[int] = field(default_factory=list)
     expired_delivery_claims: list[int] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
@@ -82,6 +86,7 @@ class FsckReport:
             "size_mismatches": len(self.size_mismatches),
             "orphan_blobs": len(self.orphan_blobs),
             "stale_spool_files": len(self.stale_spool_files),
+            "stale_uploads": len(self.stale_uploads),
             "expired_outbox_claims": len(self.expired_outbox_claims),
             "expired_delivery_claims": len(self.expired_delivery_claims),
         }
@@ -263,9 +268,17 @@ async def fsck(index: SqlIndexStore, blobs: BlobStore, spool: Path, *, repair: b
         await _check_rows(index, blobs, report, concurrency)
         await _check_blobs(index, blobs, report, cutoff)
         report.stale_spool_files = await off.run(lambda: sorted(_stale_spool(spool, cutoff)))
+        uploads: list[PendingUpload] = []
+        if isinstance(blobs, S3BlobStore):
+            uploads = [u async for u in blobs.iter_uploads() if u.initiated <= cutoff]
+            report.stale_uploads = [u.key for u in uploads]
         report.expired_outbox_claims, report.expired_delivery_claims = await _expired_claims(index, now)
         if repair:
             await _repair(index, blobs, report, drop_missing_rows=drop_missing_rows, offloader=off, now=now)
+            if isinstance(blobs, S3BlobStore):
+                for upload in uploads:
+                    await blobs.abort_upload(upload)
+                    report.repaired["stale_uploads"] = report.repaired.get("stale_uploads", 0) + 1
     finally:
         if offloader is None:
             off.shutdown()
@@ -286,6 +299,8 @@ def _print_report(report: FsckReport, repair: bool) -> None:
         out.write(f"blob without row: {key}\n")
     for path in report.stale_spool_files:
         out.write(f"stale spool file: {path}\n")
+    for key in report.stale_uploads:
+        out.write(f"unfinished multipart upload: {key}\n")
     if report.expired_outbox_claims:
         out.write(f"outbox events with an expired claim: {len(report.expired_outbox_claims)}\n")
     if report.expired_delivery_claims:

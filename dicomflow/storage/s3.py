@@ -144,6 +144,16 @@ _CLIENT_ERRORS: tuple[type[Exception], ...] = (
     BotoCoreError, ClientError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+@dataclass(frozen=True, slots=True)
+class PendingUpload:
+    """A multipart upload that was started and neither completed nor aborted (a crash mid-upload)."""
+
+    bucket: str
+    key: str
+    upload_id: str
+    initiated: float
+
+
 class S3BlobStore:
     """Blobs as objects in one or more buckets; see the module docstring for the layout."""
 
@@ -366,6 +376,31 @@ class S3BlobStore:
                         yield BlobInfo(key, int(item["Size"]), item["LastModified"].timestamp())
             except _CLIENT_ERRORS as exc:
                 raise translate(exc, "list") from exc
+
+
+    async def iter_uploads(self) -> AsyncIterator[PendingUpload]:
+        """Unfinished multipart uploads under our prefix (their parts use space until aborted)."""
+        s3 = await self._s3()
+        strip = len(self.options.prefix)
+        for bucket in self.buckets():
+            paginator = s3.get_paginator("list_multipart_uploads")
+            try:
+                async for page in paginator.paginate(Bucket=bucket, Prefix=self.options.prefix):
+                    for item in page.get("Uploads", []):
+                        yield PendingUpload(bucket, item["Key"][strip:], item["UploadId"],
+                                            item["Initiated"].timestamp())
+            except _CLIENT_ERRORS as exc:
+                raise translate(exc, "list uploads") from exc
+
+    async def abort_upload(self, upload: PendingUpload) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.abort_multipart_upload(Bucket=upload.bucket, Key=self.options.prefix + upload.key,
+                                            UploadId=upload.upload_id)
+        except _CLIENT_ERRORS as exc:
+            err = translate(exc, "abort upload")
+            if not isinstance(err, NotFoundError):
+                raise err from exc
 
 
 def _read_range(path: Path, offset: int, length: int) -> bytes:

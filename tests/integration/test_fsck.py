@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import sqlalchemy as sa
 import yaml
 from aiohttp.test_utils import TestClient
@@ -28,6 +29,7 @@ from dicomflow.index.sql import SqlIndexStore
 from dicomflow.settings import Settings
 from dicomflow.storage.base import BlobStore, new_blob_key
 from dicomflow.storage.factory import spool_dir
+from dicomflow.storage.s3 import S3BlobStore
 from tests.conftest import make_settings
 from tests.factory import make_dataset, multipart, to_bytes
 
@@ -44,8 +46,8 @@ def spool_file(tmp_path: Path, data: bytes) -> Path:
     return path
 
 
-async def test_fsck_finds_and_repairs(aiohttp_client: Any, tmp_path: Path,
-                                      backend_overrides: dict[str, Any]) -> None:
+async def test_fsck_finds_and_repairs(aiohttp_client: Any, tmp_path: Path, backend_overrides: dict[str, Any],
+                                      request: pytest.FixtureRequest) -> None:
     # no routing worker: the outbox stays as a crashed worker left it
     settings = make_settings(tmp_path, routing={"enabled": False}, **backend_overrides)
     client = await aiohttp_client(create_app(settings))
@@ -74,7 +76,13 @@ async def test_fsck_finds_and_repairs(aiohttp_client: Any, tmp_path: Path,
     fresh.write_bytes(b"receiving")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     os.utime(fresh, (time.time() + 600, time.time() + 600))  # still written to at the checks' "now" below
-    # 5. an outbox event claimed by a worker that died
+    # 5. (S3) a multipart upload a crash left unfinished
+    stale_uploads: list[str] = []
+    if isinstance(blobs, S3BlobStore):
+        stale_uploads.append(new_blob_key("default"))
+        bucket, obj = blobs.locate(stale_uploads[0])
+        request.getfixturevalue("seaweed").client().create_multipart_upload(Bucket=bucket, Key=obj)
+    # 6. an outbox event claimed by a worker that died
     async with index.transaction() as conn:
         first = (await conn.execute(sa.select(sa.func.min(t.outbox.c.id)))).scalar()
         await conn.execute(sa.update(t.outbox).where(t.outbox.c.id == first).values(
@@ -87,6 +95,7 @@ async def test_fsck_finds_and_repairs(aiohttp_client: Any, tmp_path: Path,
     assert report.orphan_blobs == [orphan]
     assert report.stale_spool_files == [str(stale)], "a file younger than the grace period is in use"
     assert report.expired_outbox_claims == [first]
+    assert report.stale_uploads == stale_uploads
     assert not report.clean
 
     # within the grace period an unreferenced blob may be a store still committing: left alone
@@ -94,7 +103,8 @@ async def test_fsck_finds_and_repairs(aiohttp_client: Any, tmp_path: Path,
     assert young.orphan_blobs == [] and young.young_unreferenced_blobs == 1
 
     repaired = await fsck(index, blobs, spool, repair=True, grace=60, now=time.time() + 120)
-    assert repaired.repaired == {"orphan_blobs": 1, "stale_spool_files": 1, "expired_outbox_claims": 1}
+    assert repaired.repaired == {"orphan_blobs": 1, "stale_spool_files": 1, "expired_outbox_claims": 1,
+                                 **({"stale_uploads": 1} if stale_uploads else {})}
     assert not repaired.clean, "rows whose blob is gone are kept unless asked"
     assert any("--drop-missing-rows" in note for note in repaired.notes)
     assert not await blobs.exists(orphan)
