@@ -84,18 +84,13 @@ def scaleout_overrides(pg_url: str, seaweed: SeaweedS3, bucket: str, prefix: str
     }
 
 
-@pytest.fixture(params=["sqlite+file", pytest.param("postgresql+s3", marks=pytest.mark.integration)])
-def backend_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
-    """``make_settings`` overrides for each pair of backends: the embedded default, and scale-out
-    (a fresh PostgreSQL database with the schema created as ``dicomflow db upgrade`` does, a fresh
-    S3 prefix)."""
-    if request.param == "sqlite+file":
-        return {}
+@pytest.fixture
+def scaleout_backend(pg_url: str, seaweed: SeaweedS3, s3_shared_bucket: str) -> dict[str, object]:
+    """``make_settings`` overrides for scale-out: a fresh PostgreSQL database with the schema created
+    as ``dicomflow db upgrade`` does, and a fresh prefix in the session's S3 bucket."""
     from dicomflow.index import migrate
     from dicomflow.index.sql import make_engine
     from tests.harness.postgres import run_async
-
-    pg_url: str = request.getfixturevalue("pg_url")
 
     async def create() -> None:
         engine = make_engine(pg_url)
@@ -105,6 +100,13 @@ def backend_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
             await engine.dispose()
 
     run_async(create())
-    seaweed: SeaweedS3 = request.getfixturevalue("seaweed")
-    bucket: str = request.getfixturevalue("s3_shared_bucket")
-    return scaleout_overrides(pg_url, seaweed, bucket, f"t-{uuid.uuid4().hex[:12]}")
+    return scaleout_overrides(pg_url, seaweed, s3_shared_bucket, f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite+file", pytest.param("postgresql+s3", marks=pytest.mark.integration)])
+def backend_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
+    """``make_settings`` overrides for each pair of backends: the embedded default, and scale-out."""
+    if request.param == "sqlite+file":
+        return {}
+    overrides: dict[str, object] = request.getfixturevalue("scaleout_backend")
+    return overrides

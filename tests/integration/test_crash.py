@@ -4,10 +4,6 @@ without its blob (only, at most, blobs and spool files of the stores that were c
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,53 +11,23 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 
 from dicomflow.fsck import fsck
 from dicomflow.index.sql import SqlIndexStore
 from dicomflow.offload import Offloader
-from dicomflow.settings import Settings
 from dicomflow.storage.factory import open_blob_store, spool_dir
 from tests.conftest import free_port, make_settings
 from tests.factory import make_dataset, multipart, to_bytes
+from tests.harness.processes import ServerProcess, write_config
 
-ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
-
-
-def _config(settings: Settings, path: Path) -> Path:
-    data = settings.model_dump(mode="json", exclude={"tenants", "auth", "routing", "audit"},
-                               exclude_none=True)
-    if settings.s3.secret_access_key is not None:
-        data["s3"]["secret_access_key"] = settings.s3.secret_access_key.get_secret_value()
-    data["dimse"] = {"enabled": False}
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _serve(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "dicomflow", "serve", "--config", str(config),
-                                    "--http-port", str(port)], stdout=out, stderr=out, cwd=config.parent,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError("server did not start: " + log.read_text()[-3000:])
 
 
 def test_kill_9_during_ingest(backend_overrides: dict[str, Any], tmp_path: Path) -> None:
     settings = make_settings(tmp_path, **backend_overrides)
-    config = _config(settings, tmp_path / "settings.yaml")
-    port = free_port()
-    server = _serve(config, port, tmp_path / "server.log")
+    server = ServerProcess(write_config(settings, tmp_path / "settings.yaml"), free_port(),
+                           tmp_path / "server.log").start()
+    port = server.port
     acked: dict[str, bytes] = {}
     stop = threading.Event()
 
@@ -87,14 +53,13 @@ def test_kill_9_during_ingest(backend_overrides: dict[str, Any], tmp_path: Path)
     deadline = time.monotonic() + 30
     while len(acked) < 40 and time.monotonic() < deadline:
         time.sleep(0.05)
-    server.send_signal(signal.SIGKILL)  # mid-stream: requests are being received and committed
-    server.wait(10)
+    server.kill()  # SIGKILL mid-stream: requests are being received and committed
     stop.set()
     for thread in threads:
         thread.join(30)
     assert len(acked) >= 40
 
-    server = _serve(config, port, tmp_path / "server.log")
+    server.start()
     try:
         for sop, data in acked.items():
             found = requests.get(f"http://127.0.0.1:{port}/dicomweb/instances?SOPInstanceUID={sop}", timeout=10)
@@ -106,8 +71,7 @@ def test_kill_9_during_ingest(backend_overrides: dict[str, Any], tmp_path: Path)
                                                        'transfer-syntax=*'}, timeout=10)
             assert got.status_code == 200 and data in got.content, f"acknowledged {sop} not byte-exact"
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
 
     async def check() -> None:
         off = Offloader(2)
