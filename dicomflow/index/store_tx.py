@@ -107,10 +107,12 @@ class _Statements:
             .where(t.series.c.tenant == b("k_tenant"), t.series.c.series_uid == b("k_series")),
             series_rows=sa.select(t.series.c.modality, t.series.c.num_instances)
             .where(t.series.c.tenant == b("k_tenant"), t.series.c.study_uid == b("k_study")),
+            # the WHERE: a series created meanwhile by a concurrent store in another study is not taken over
             upsert_series=series_ins.on_conflict_do_update(
                 index_elements=[t.series.c.tenant, t.series.c.series_uid],
                 set_={**{c: series_ins.excluded[c] for c in _SERIES_COLUMNS},
-                      "num_instances": t.series.c.num_instances + 1}),
+                      "num_instances": t.series.c.num_instances + 1},
+                where=t.series.c.study_uid == series_ins.excluded.study_uid),
             upsert_study=study_ins.on_conflict_do_update(
                 index_elements=[t.studies.c.tenant, t.studies.c.study_uid],
                 set_={c: study_ins.excluded[c] for c in _STUDY_COLUMNS}),
@@ -201,7 +203,7 @@ class StoreJob:
                 conn.execute(t.extra_attributes.insert(), rows)
 
         study_attrs, series_attrs = split_levels(md)
-        conn.execute(st.upsert_series, {
+        upserted = conn.execute(st.upsert_series, {
             "tenant": tenant, "series_uid": parsed.series_instance_uid, "num_instances": 1,
             "study_uid": parsed.study_instance_uid,
             "modality": string_value(md, "00080060"),
@@ -215,6 +217,9 @@ class StoreJob:
             "attrs_json": _dumps(series_attrs),
             "updated_at": now,
         })
+        if upserted.rowcount == 0:  # lost the race above: the series belongs to another study after all
+            raise DatasetMismatchError("Series Instance UID already belongs to another study",
+                                       sop_instance_uid=parsed.sop_instance_uid)
         patient_name = string_value(md, "00100010")
         referring = string_value(md, "00080090")
         conn.execute(st.upsert_study, {

@@ -279,3 +279,21 @@ async def test_concurrent_stores_into_one_new_study(index: SqlIndexStore, inst: 
     assert all(r.result is StoreResult.STORED for r, _ in results)
     assert await counts(index, "acme", study) == (2, 12, {s1: 6, s2: 6})
     assert len(await outbox(index, "acme")) == 12
+
+
+async def test_concurrent_new_series_in_two_studies(index: SqlIndexStore, inst: Any) -> None:
+    """Two servers receive the first instance of one series UID, each with another study: one wins,
+    the other is rejected (0xA900), and the hierarchy stays consistent."""
+    for _ in range(5):
+        series = generate_uid()
+        a, b = inst(series_uid=series, pixels=False), inst(series_uid=series, pixels=False)
+        results = await asyncio.gather(store(index, "acme", a), store(index, "acme", b), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and isinstance(errors[0], DatasetMismatchError), results
+        winner = a if not isinstance(results[0], BaseException) else b
+        async with index.engine.connect() as conn:
+            owner = (await conn.execute(sa.select(t.series.c.study_uid, t.series.c.num_instances).where(
+                t.series.c.tenant == "acme", t.series.c.series_uid == series))).one()
+        assert tuple(owner) == (winner.parsed.study_instance_uid, 1)
+        assert [r.sop_uid for r in await index.list_instances("acme", winner.parsed.study_instance_uid)] == [
+            winner.sop]
