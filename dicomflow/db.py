@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicomflow.errors import OutOfResourcesError
 from dicomflow.index import migrate
 from dicomflow.index.schema import SCHEMA_VERSION
 from dicomflow.index.sql import make_engine
@@ -23,6 +24,12 @@ def _safe(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):
         return "<index URL>"
+
+
+def _why(exc: BaseException) -> str:
+    # the cause's text (connection refused, timeout), never a SQLAlchemy message that may quote the URL
+    cause = exc.__cause__ if isinstance(exc, OutOfResourcesError) and exc.__cause__ else exc
+    return f"{type(cause).__name__}: {cause}" if isinstance(cause, OSError) else type(cause).__name__
 
 
 def _index_url(args: argparse.Namespace) -> str:
@@ -57,8 +64,8 @@ def _main_upgrade(args: argparse.Namespace) -> int:
     except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"dicomflow db upgrade: {exc}\n")
         return 1
-    except (SQLAlchemyError, OSError) as exc:
-        sys.stderr.write(f"dicomflow db upgrade: cannot reach the index database: {type(exc).__name__}\n")
+    except (SQLAlchemyError, OSError, OutOfResourcesError) as exc:
+        sys.stderr.write(f"dicomflow db upgrade: cannot reach the index database ({_why(exc)})\n")
         return 2
     if result.before is None:
         sys.stdout.write(f"created the index schema (version {result.after}) in {_safe(url)}\n")
@@ -76,8 +83,8 @@ def _main_check(args: argparse.Namespace) -> int:
     except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"dicomflow db check: {exc}\n")
         return 1
-    except (SQLAlchemyError, OSError) as exc:
-        sys.stderr.write(f"dicomflow db check: cannot reach the index database: {type(exc).__name__}\n")
+    except (SQLAlchemyError, OSError, OutOfResourcesError) as exc:
+        sys.stderr.write(f"dicomflow db check: cannot reach the index database ({_why(exc)})\n")
         return 2
     problem = migrate.describe(found)
     if problem is not None:
