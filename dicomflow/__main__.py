@@ -18,6 +18,7 @@ from dicomflow import fsck as fsck_cli
 from dicomflow.app import create_app
 from dicomflow.audit import cli as audit_cli
 from dicomflow.engine import cli as routing_cli
+from dicomflow.errors import OutOfResourcesError
 from dicomflow.index.migrate import SchemaVersionError
 from dicomflow.settings import load_settings
 
@@ -83,6 +84,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SchemaVersionError as exc:  # refuse to run against another schema version
         logger.error("not serving: %s", exc)
         return 2
+    except OutOfResourcesError as exc:  # index or blob store unreachable at start: let the supervisor retry
+        logger.error("not serving: %s", exc.detail)
+        return 3
     return 0
 
 
