@@ -16,9 +16,10 @@ from pydicom.uid import generate_uid
 
 from dicomflow.errors import DatasetMismatchError, DuplicateInstanceError, NotFoundError
 from dicomflow.index import schema as t
+from dicomflow.index.query import parse_qido
 from dicomflow.index.sql import SqlIndexStore
 from dicomflow.ingest.parse import parse_part10
-from dicomflow.model import ParsedInstance, Protocol, Source, StoreResult
+from dicomflow.model import Level, ParsedInstance, Protocol, Source, StoreResult
 from dicomflow.settings import DuplicatePolicy
 from dicomflow.storage.base import new_blob_key
 from tests.factory import make_instance
@@ -297,3 +298,32 @@ async def test_concurrent_new_series_in_two_studies(index: SqlIndexStore, inst: 
         assert tuple(owner) == (winner.parsed.study_instance_uid, 1)
         assert [r.sop_uid for r in await index.list_instances("acme", winner.parsed.study_instance_uid)] == [
             winner.sop]
+
+
+async def _search(index: SqlIndexStore, tenant: str, level: Level, **params: str) -> list[dict[str, Any]]:
+    query, _ = parse_qido(level, list(params.items()))
+    results = index.search(tenant, query)
+    return [match async for match in results]
+
+
+async def test_search_is_per_tenant_and_follows_deletes(index: SqlIndexStore, inst: Any) -> None:
+    """The QIDO/C-FIND entry point of the IndexStore (its full matching suite: tests/unit/test_query_sql.py)."""
+    study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
+    acme = [inst(study_uid=study, series_uid=s, patient_id="PID-SEARCH", instance_number=n, pixels=False)
+            for s in (s1, s2) for n in (1, 2)]
+    for i in acme:
+        await store(index, "acme", i)
+    await store(index, "globex", inst(patient_id="PID-SEARCH", pixels=False))
+
+    [found] = await _search(index, "acme", Level.STUDY, PatientID="PID-SEARCH")
+    assert found["0020000D"]["Value"] == [study]
+    assert found["00201206"]["Value"] == [2] and found["00201208"]["Value"] == [4]
+    assert len(await _search(index, "globex", Level.STUDY, PatientID="PID-SEARCH")) == 1
+    assert await _search(index, "initech", Level.STUDY, PatientID="PID-SEARCH") == []
+    assert len(await _search(index, "acme", Level.IMAGE, PatientID="PID-SEARCH")) == 4
+
+    await index.delete("acme", study, s1, source=SOURCE)
+    [found] = await _search(index, "acme", Level.STUDY, PatientID="PID-SEARCH")
+    assert found["00201206"]["Value"] == [1] and found["00201208"]["Value"] == [2]
+    series = await _search(index, "acme", Level.SERIES, StudyInstanceUID=study)
+    assert [s["0020000E"]["Value"][0] for s in series] == [s2]
