@@ -17,6 +17,9 @@ from dicomflow.offload import Offloader
 from dicomflow.storage.base import BlobStore
 
 STREAM_CHUNK = 4 << 20
+#: blobs up to this size are read and written in groups (see write_small_blob_parts)
+SMALL_BLOB = 256 << 10
+SMALL_GROUP = 4 << 20
 
 
 def new_boundary() -> str:
@@ -66,6 +69,25 @@ class MultipartStream:
         """A part whose body is ``count`` bytes of a blob from ``start``."""
         await self.response.write(self._pending + part_header(self.boundary, content_type, count, location))
         await self.send_blob(key, start, count)
+        self._pending = b"\r\n"
+
+    async def write_small_blob_parts(self, parts: list[tuple[str, str, int]]) -> None:
+        """Several whole small blobs ``(content type, key, size)`` read in one offloaded call and written
+        at once: per-part awaits, not bytes, dominate studies of many small instances."""
+
+        def read_all() -> bytes:
+            chunks = [self._pending]
+            for content_type, key, size in parts:
+                chunks.append(part_header(self.boundary, content_type, size))
+                with self.blobs.open_sync(key) as fh:
+                    data = fh.read(size)
+                if len(data) != size:
+                    raise ConnectionResetError("blob shorter than indexed")
+                chunks.append(data)
+                chunks.append(b"\r\n")
+            return b"".join(chunks[:-1])
+
+        await self.response.write(await self.off.run(read_all))
         self._pending = b"\r\n"
 
     async def send_blob(self, key: str, start: int, count: int) -> None:

@@ -25,6 +25,8 @@ from dicomflow.dicomweb.common import (
 )
 from dicomflow.dicomweb.media import DICOM, Choice, negotiate_dicom, parse_accept, wants_dicom
 from dicomflow.dicomweb.multipart_writer import (
+    SMALL_BLOB,
+    SMALL_GROUP,
     MultipartStream,
     closing,
     multipart_content_type,
@@ -121,8 +123,21 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         ) + len(closing(boundary))
     await response.prepare(request)
     out = MultipartStream(request, response, boundary, blobs, off)
+    small: list[tuple[str, str, int]] = []  # consecutive small blobs, sent in groups
+    small_bytes = 0
     for i, (record, choice) in enumerate(pairs):
-        if choice.transfer_syntax == record.transfer_syntax_uid:
+        exact = choice.transfer_syntax == record.transfer_syntax_uid
+        if exact and record.size <= SMALL_BLOB:
+            small.append((choice.content_type(), record.blob_key, record.size))
+            small_bytes += record.size
+            if small_bytes >= SMALL_GROUP:
+                await out.write_small_blob_parts(small)
+                small, small_bytes = [], 0
+            continue
+        if small:
+            await out.write_small_blob_parts(small)
+            small, small_bytes = [], 0
+        if exact:
             await out.write_blob_part(choice.content_type(), record.blob_key, 0, record.size)
             continue
         try:
@@ -133,6 +148,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
                          choice.transfer_syntax)
             raise ConnectionResetError("transcoding failed") from None
         await out.write_part(choice.content_type(), data)
+    if small:
+        await out.write_small_blob_parts(small)
     await out.close()
     return response
 
