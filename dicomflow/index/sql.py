@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
@@ -102,7 +103,16 @@ def make_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     elif url.startswith(("postgresql://", "postgres://")):
-        dsn = "postgresql://" + url.split("://", 1)[1]
+        # pool_size / max_overflow / pool_timeout in the URL's query size this process's pool (every server
+        # and worker has one: keep their sum under the server's max_connections); the rest goes to asyncpg
+        parts = urlsplit("postgresql://" + url.split("://", 1)[1])
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        try:
+            pool = {"pool_size": int(query.pop("pool_size", 10)), "max_overflow": int(query.pop("max_overflow", 10)),
+                    "pool_timeout": float(query.pop("pool_timeout", 30))}
+        except ValueError:
+            raise ValueError("index URL: pool_size and max_overflow are integers, pool_timeout seconds") from None
+        dsn = urlunsplit(parts._replace(query=urlencode(query)))
 
         async def connect() -> Any:
             try:
@@ -112,8 +122,7 @@ def make_engine(url: str) -> AsyncEngine:
                 raise OutOfResourcesError("index database unavailable") from exc
 
         # pre-ping: connections broken by a PostgreSQL restart are replaced, not handed out
-        engine = create_async_engine("postgresql+asyncpg://", async_creator=connect,
-                                     pool_size=10, max_overflow=10, pool_pre_ping=True)
+        engine = create_async_engine("postgresql+asyncpg://", async_creator=connect, pool_pre_ping=True, **pool)
     else:
         raise ValueError(f"unsupported index URL {url!r}: use sqlite:///path or postgresql://...")
     sa.event.listen(engine.sync_engine, "handle_error", _unavailable)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from dicomflow.errors import OutOfResourcesError
 from dicomflow.index import migrate
@@ -76,3 +78,27 @@ async def test_index_survives_a_postgresql_restart(index: SqlIndexStore, private
     second, result = await store_one(index, tmp_path, study)
     assert result is StoreResult.STORED
     assert sorted(r.sop_uid for r in await index.list_instances("default", study)) == sorted([first, second])
+
+
+async def test_pool_settings_from_the_url(pg_url: str, tmp_path: Path) -> None:
+    """Each process sizes its own pool (servers x pool <= max_connections); other parameters reach asyncpg."""
+    engine = make_engine(pg_url)
+    try:
+        await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
+    index = await SqlIndexStore.open(pg_url + "?pool_size=2&max_overflow=0&pool_timeout=20"
+                                              "&application_name=dicomflow-pool-test")
+    try:
+        pool = index.engine.sync_engine.pool
+        assert (pool.size(), pool._max_overflow) == (2, 0)  # type: ignore[attr-defined]
+        study = make_dataset().StudyInstanceUID
+        await asyncio.gather(*(store_one(index, tmp_path, study) for _ in range(8)))  # queue for 2 connections
+        assert len(await index.list_instances("default", study)) == 8
+        async with index.engine.connect() as conn:
+            name = (await conn.execute(sa.text("SELECT current_setting('application_name')"))).scalar()
+        assert name == "dicomflow-pool-test"
+    finally:
+        await index.close()
+    with pytest.raises(ValueError, match="pool_size"):
+        make_engine(pg_url + "?pool_size=many")
