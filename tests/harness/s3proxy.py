@@ -24,6 +24,8 @@ class Fault:
     code: str = "SlowDown"
     #: forward, but close the connection after this many body bytes
     cut_after: int | None = None
+    #: wait this long (seconds) before answering
+    delay: float = 0.0
 
 
 @dataclass
@@ -59,6 +61,18 @@ class S3FaultProxy:
             if left[0] > 0 and when(request):
                 left[0] -= 1
                 return Fault(status=status, code=code)
+            return None
+
+        self.faults.append(rule)
+
+    def slow_next(self, n: int, delay: float, when: Callable[[web.Request], bool] = lambda r: True) -> None:
+        """The next ``n`` requests matching ``when`` are answered ``delay`` seconds late."""
+        left = [n]
+
+        def rule(request: web.Request) -> Fault | None:
+            if left[0] > 0 and when(request):
+                left[0] -= 1
+                return Fault(delay=delay)
             return None
 
         self.faults.append(rule)
@@ -99,6 +113,8 @@ class S3FaultProxy:
             if fault is not None:
                 break
         body = await request.read()
+        if fault is not None and fault.delay:
+            await asyncio.sleep(fault.delay)
         if fault is not None and fault.status is not None:
             xml = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{fault.code}</Code>"
                    f"<Message>injected</Message></Error>")

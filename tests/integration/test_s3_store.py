@@ -93,6 +93,22 @@ async def test_unreachable_endpoint_is_out_of_resources(s3_options: S3Options, o
         await store.close()
 
 
+async def test_slow_store(proxy: S3FaultProxy, s3_options: S3Options, offloader: Offloader, tmp_path: Path) -> None:
+    """An answer later than read_timeout is a transient error: retried, then 503/0xA700 if it stays slow."""
+    store = S3BlobStore(replace(s3_options, endpoint_url=proxy.endpoint, read_timeout=0.5, max_attempts=2), offloader)
+    try:
+        key = new_blob_key("acme")
+        proxy.slow_next(1, 2.0)
+        await store.put_file(key, spooled(tmp_path, b"late"))
+        assert len([s for s in proxy.seen if s.method == "PUT"]) == 2
+        proxy.slow_next(2, 2.0)
+        with pytest.raises(OutOfResourcesError):
+            await store.size(key)
+        assert await read_all(store, key) == b"late"
+    finally:
+        await store.close()
+
+
 async def test_read_cut_mid_body_resumes(via_proxy: S3BlobStore, proxy: S3FaultProxy, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024**2)
     key = new_blob_key("acme")
