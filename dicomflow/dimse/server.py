@@ -36,6 +36,7 @@ from pynetdicom.transport import AssociationServer, AssociationSocket
 from dicomflow.appkeys import BLOBS, INDEX, INGEST, OFFLOADER, SETTINGS
 from dicomflow.dimse import commitment, qr
 from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of, calling_ae_of
+from dicomflow.dimse.reactor import make_event_driven
 from dicomflow.dimse.sop_classes import add_scp_contexts
 from dicomflow.dimse.store import handle_store
 from dicomflow.settings import TenantSettings
@@ -189,8 +190,12 @@ class DimseServer:
             return
         # COMPONENTS.md: with Nagle's algorithm on, C-STORE drops from ~400 to ~11 instances/s.
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Accepted sockets do not inherit the listening socket's timeout: without one, a peer that stops
+        # in the middle of a PDU would hold this association's threads forever (PS3.8 9.1.5 ARTIM).
+        sock.socket.settimeout(self.settings.network_timeout)
         if assoc.is_acceptor:
             sock.recv = _PduGuard(sock, self.settings.max_pdu, assoc.name)  # type: ignore[method-assign]
+            make_event_driven(assoc)
 
     def _on_requested(self, event: Event) -> None:
         """EVT_REQUESTED: accept or reject on the called and calling AE titles (PS3.8 7.1.1.3-4)."""

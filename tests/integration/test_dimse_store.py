@@ -314,12 +314,19 @@ def test_storescu_aborted_by_the_network_mid_transfer(live_server_factory: Any, 
     received.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(received))
     server = start(live_server_factory, tmp_path)
-    big = _write(tmp_path, "big", make_dataset(rows=2048, columns=2048))  # 8 MiB
+    big = _write(tmp_path, "big", make_dataset(rows=4096, columns=4096))  # 32 MiB
     proc = subprocess.Popen(["storescu", "--max-send-pdu", "4096", "-aec", "DICOMFLOW", "127.0.0.1",
                              str(dimse_port(server)), str(big)], env=DCMTK_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.4)
+    # kill storescu once the server has received part of the data set, but not all of it
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        partial = [p.stat().st_size for p in received.iterdir()]
+        if partial and partial[0] > 1 << 20:
+            break
+        time.sleep(0.002)
     proc.kill()
+    assert partial and partial[0] < big.stat().st_size
     proc.wait(10)
     time.sleep(0.5)
     state = store_state(server.settings)
