@@ -194,9 +194,15 @@ class EngineStore:
         """Turn due stable timers into ``series.stable`` / ``study.stable`` outbox events."""
         now = time.time()
         st = t.stability
+        ob = t.outbox
+        # Not while instances of the study (series) still wait in the outbox: another worker may hold them
+        # (SKIP LOCKED), and routing them afterwards would arm the timer again: the study would go stable twice.
+        waiting = sa.exists().where(ob.c.done_at.is_(None), ob.c.event == EventType.INSTANCE_STORED.value,
+                                    ob.c.tenant == st.c.tenant, ob.c.study_uid == st.c.study_uid,
+                                    sa.or_(st.c.level == "study", ob.c.series_uid == st.c.uid))
         async with self.index.transaction() as conn:
             due = (await conn.execute(self._locked(
-                sa.select(st).where(st.c.due_at <= now).order_by(st.c.due_at).limit(limit)))).all()
+                sa.select(st).where(st.c.due_at <= now, ~waiting).order_by(st.c.due_at).limit(limit)))).all()
             emitted = 0
             for row in due:
                 gone = await conn.execute(sa.delete(st).where(
