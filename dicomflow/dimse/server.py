@@ -126,6 +126,7 @@ class DimseServer:
         self._ae: AE | None = None
         self._server: AssociationServer | None = None
         self._assoc_ids = itertools.count(1)
+        self._chunked_before = False
 
     @property
     def port(self) -> int:
@@ -152,6 +153,8 @@ class DimseServer:
         """Bind and serve in pynetdicom's own threads (``block=False``)."""
         # Process-wide pynetdicom switch, set once at start-up (STYLE 2.7): C-STORE data sets are written
         # to a temporary file as they arrive instead of being held in memory.
+        # store.py handles both modes, so another server in the same process (tests) may flip it back.
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
         # STYLE 2.6: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO by default (patient data).
         _config.LOG_REQUEST_IDENTIFIERS = False
@@ -180,6 +183,7 @@ class DimseServer:
             self._ae.shutdown()
             self._ae = None
             self._server = None
+            _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
 
     def _on_conn_open(self, event: Event) -> None:
         assoc = event.assoc

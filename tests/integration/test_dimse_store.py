@@ -444,3 +444,17 @@ def test_cstore_then_wado_retrieve_is_identical(live_server_factory: Any, tmp_pa
         assert len(parts) == 1
         assert parts[0] == blobs[("default", sop)]  # the stored object, unchanged
         assert dataset_part(parts[0]) == dataset_part(path.read_bytes()), ts  # = what storescu sent
+
+
+def test_in_memory_receive_mode_stores_the_same_bytes(live_server_factory: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pynetdicom's chunked receive switched off (process-wide), the data set arrives in memory."""
+    server = start(live_server_factory, tmp_path)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _write(folder, "ct", make_dataset())
+    result = dcmtk("storescu", "-aec", "DICOMFLOW", "127.0.0.1", str(dimse_port(server)), str(path))
+    assert result.returncode == 0, result.stderr
+    (stored,) = stored_blobs(server.settings).values()
+    assert dataset_part(stored) == dataset_part(path.read_bytes())
