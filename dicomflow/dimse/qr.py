@@ -29,7 +29,15 @@ C-MOVE / C-GET
     failure before the sub-operation association exists, so an identifier that cannot be served or an
     index that does not answer ends the request with pynetdicom's 0xC514 (C-MOVE) or 0xC413 (C-GET),
     both "Failed: Unable to process" (PS3.4 C.4.2.1.4, C.4.3.1.4), rather than 0xA900 / 0xA701. It also
-    answers 0xA801 when the destination refuses the association.
+    answers 0xA801 when the destination refuses the association, and calls the destination with the
+    SCP's own AE title (the same for every tenant). A destination with ``tls`` is verified against the
+    system's CA certificates.
+
+    C-GET and compressed instances: pynetdicom's acceptor takes, in each proposed context, the first
+    syntax of *our* list that the requestor proposed, and the storage list starts with Explicit VR LE
+    (safer for ingest). A C-GET requestor that proposes a compressed syntax together with the
+    uncompressed ones in one context therefore receives decoded data; one that proposes the stored
+    syntax in a context of its own receives the instance as stored.
 
 Tenancy: every request sees only the tenant that owns the called AE title.
 """
@@ -52,7 +60,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
-from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of
+from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of, calling_ae_of
 from dicomflow.dimse.scu import (
     FALLBACK_SYNTAXES,
     MAX_CONTEXTS,
@@ -501,8 +509,11 @@ class QueryRetrieve:
         store_assoc: list[Association] = []
         contexts = _contexts_for(records)
 
+        originator = calling_ae_of(assoc)
+
         def accepted(e: Event) -> None:
-            route_stored_instances(e.assoc)  # StoredInstance stand-ins go from their files, as stored
+            # StoredInstance stand-ins go from their files, as stored; Move Originator = the C-MOVE's SCU
+            route_stored_instances(e.assoc, move_originator_ae=originator)
             store_assoc.append(e.assoc)
 
         kwargs = association_kwargs(node, contexts, self.ctx.settings.dimse,

@@ -25,7 +25,6 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,11 +193,21 @@ def send_stored(original: Callable[..., Dataset], dataset: Dataset, *args: Any, 
     return original(dataset, *args, **kwargs)
 
 
-def route_stored_instances(assoc: Association) -> Callable[[], None]:
+def route_stored_instances(assoc: Association, move_originator_ae: str | None = None) -> Callable[[], None]:
     """Make ``assoc.send_c_store`` (called by pynetdicom's sub-operation loop) understand
-    :class:`StoredInstance`; returns the function that undoes it."""
+    :class:`StoredInstance`; returns the function that undoes it.
+
+    ``move_originator_ae`` replaces the Move Originator Application Entity Title pynetdicom puts in
+    C-MOVE sub-operations (its own AE title): PS3.7 9.1.1.1 wants the AE that invoked the C-MOVE.
+    """
     original = assoc.send_c_store
-    assoc.send_c_store = partial(send_stored, original)  # type: ignore[method-assign]
+
+    def send(dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+        if move_originator_ae is not None and kwargs.get("originator_aet") is not None:
+            kwargs["originator_aet"] = move_originator_ae
+        return send_stored(original, dataset, *args, **kwargs)
+
+    assoc.send_c_store = send  # type: ignore[method-assign,assignment]
 
     def undo() -> None:
         assoc.__dict__.pop("send_c_store", None)

@@ -21,6 +21,7 @@ from tests.integration.dcmtk import (
     StoreScp,
     dataset_bytes,
     dimse_server,
+    free_port,
     run,
     stored,
     storescp,
@@ -226,3 +227,40 @@ def test_pending_responses_count_sub_operations(live_server_factory: Any, tmp_pa
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
             final.NumberOfWarningSuboperations) == (2, 1, 0)
     assert final_identifier is not None and final_identifier.FailedSOPInstanceUIDList == video.SOPInstanceUID
+
+
+def test_move_originator_is_the_move_scu(live_server_factory: Any, tmp_path: Path) -> None:
+    """PS3.7 9.1.1.1: each sub-operation names the AE that invoked the C-MOVE and its Message ID."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    seen: list[tuple[str, int]] = []
+
+    def on_store(event: Any) -> int:
+        seen.append((str(event.request.MoveOriginatorApplicationEntityTitle).strip(),
+                     int(event.request.MoveOriginatorMessageID)))
+        return 0x0000
+
+    dest = AE(ae_title="PYDEST")
+    dest.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    scp = dest.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        node = RemoteNode(ae_title="PYDEST", host="127.0.0.1", port=port)
+        tenants = {"default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={"dest": node})}
+        server = dimse_server(live_server_factory, tmp_path, tenants=tenants)
+        ds = make_dataset()
+        storescu(server, write_instances(tmp_path / "in", [ds]))
+        scu = AE(ae_title="THE-MOVER")
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = scu.associate("127.0.0.1", server.settings.dimse.port, ae_title="DICOMFLOW")
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = ds.StudyInstanceUID
+        responses = list(assoc.send_c_move(identifier, "PYDEST", StudyRootQueryRetrieveInformationModelMove,
+                                           msg_id=7))
+        assoc.release()
+    finally:
+        scp.shutdown()
+    assert responses[-1][0].Status == 0x0000
+    assert seen == [("THE-MOVER", 7)]
