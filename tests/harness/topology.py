@@ -38,6 +38,8 @@ class Topology:
     workers: int = 0
     routes_dir: Path | None = None
     dimse: bool = False
+    #: more ``routing`` settings for servers and workers (destinations, mappings_dir, poll_interval, ...)
+    routing: dict[str, Any] = field(default_factory=dict)
     #: an existing PostgreSQL to create the database on (else a private cluster)
     pg_admin_url: str | None = None
     #: an existing SeaweedFS (else a private one)
@@ -59,6 +61,7 @@ class Topology:
         return self
 
     def _start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
         if self.pg_admin_url is None:
             self._cluster = PgCluster.start()
             self.pg_admin_url = self._cluster.admin_url
@@ -78,7 +81,7 @@ class Topology:
         overrides = scaleout_overrides(self.index_url, self.seaweed, bucket, f"t-{uuid.uuid4().hex[:8]}")
         self.storage_url = str(overrides["storage"])
         settings = Settings(data_dir=self.base / "data", **overrides)  # type: ignore[arg-type]
-        routing: dict[str, Any] = {"enabled": self.workers == 0}
+        routing: dict[str, Any] = {**self.routing, "enabled": self.workers == 0}
         if self.routes_dir is not None:
             routing["routes_dir"] = str(self.routes_dir.resolve())
         extra: dict[str, Any] = {"dimse": {"enabled": self.dimse}}
