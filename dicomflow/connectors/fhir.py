@@ -9,7 +9,9 @@ ones stored at that time whichever event triggered it. When the study is gone, t
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from typing import Any
 
 import aiohttp
@@ -19,7 +21,7 @@ from fhirpy.base.exceptions import BaseFHIRError
 from dicomflow.connectors.base import DeliveryError, DeliveryJob, Outcome, http_failure
 from dicomflow.engine.context import EngineContext
 from dicomflow.engine.routes import OnDelete
-from dicomflow.mapping.evaluate import MappingError, build_one, key_of
+from dicomflow.mapping.evaluate import MappingError, build_one, escape_search, key_of
 from dicomflow.mapping.model import Mapping
 from dicomflow.mapping.view import StudyView
 from dicomflow.settings import FhirDestination
@@ -35,6 +37,17 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
 class FhirConnector:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
+        # Two deliveries upserting the same resource at once (two studies of a new patient) would both
+        # find nothing and both create it: one conditional update per resource key at a time.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = \
+            weakref.WeakValueDictionary()
+
+    def _lock(self, *key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)  # type: ignore[arg-type]
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[key] = lock  # type: ignore[index]
+        return lock
 
     async def _client(self, dest: FhirDestination) -> AsyncFHIRClient:
         authorization = await self.ctx.tokens.authorization(dest.oauth2, dest.basic, dest.timeout)
@@ -67,7 +80,7 @@ class FhirConnector:
             client = await self._client(dest)
             if view is None:
                 return await self._study_gone(client, job, mapping)
-            return await self._upsert(client, mapping, view)
+            return await self._upsert(client, mapping, view, dest.url)
         except MappingError as exc:
             raise DeliveryError(str(exc), retryable=False) from None
         except DeliveryError:
@@ -80,7 +93,7 @@ class FhirConnector:
             raise DeliveryError(f"FHIR server answered something that is not FHIR JSON ({type(exc).__name__})",
                                 retryable=True, detail=f"unexpected FHIR answer: {exc!r}"[:1500]) from None
 
-    async def _upsert(self, client: AsyncFHIRClient, mapping: Mapping, view: StudyView) -> Outcome:
+    async def _upsert(self, client: AsyncFHIRClient, mapping: Mapping, view: StudyView, url: str) -> Outcome:
         refs: dict[str, str | None] = {}
         done: list[str] = []
         for template in mapping.resources:
@@ -90,8 +103,9 @@ class FhirConnector:
                 continue
             body: dict[str, Any] = dict(built.body)
             resource = client.resource(built.type, **{k: v for k, v in body.items() if k != "resourceType"})
-            saved, created = await client.resources(built.type).search(
-                identifier=built.search_identifier).update(resource)
+            async with self._lock(url, built.type, built.search_identifier):
+                saved, created = await client.resources(built.type).search(
+                    identifier=built.search_identifier).update(resource)
             if not saved or "id" not in saved:
                 raise DeliveryError(f"FHIR server did not return the {built.type} it stored", retryable=True)
             refs[template.id] = f"{built.type}/{saved['id']}"
@@ -110,7 +124,8 @@ class FhirConnector:
         if not templates:
             return Outcome("mapping has no ImagingStudy; nothing to retract")
         system, value = key_of(mapping, templates[0], uid_only)
-        found = await client.resources("ImagingStudy").search(identifier=f"{system}|{value}").fetch_all()
+        found = await client.resources("ImagingStudy").search(
+            identifier=f"{escape_search(system)}|{escape_search(value)}").fetch_all()
         changed: list[str] = []
         for resource in found:
             if on_delete is OnDelete.DELETE:

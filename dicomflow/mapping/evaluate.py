@@ -44,7 +44,13 @@ class BuiltResource:
 
     @property
     def search_identifier(self) -> str:
-        return f"{self.key_system}|{self.key_value}"
+        """The ``identifier`` search value, escaped (FHIR R4 3.1.1.5.7: ``\\``, ``,``, ``|``, ``$``)."""
+        return f"{escape_search(self.key_system)}|{escape_search(self.key_value)}"
+
+
+def escape_search(value: str) -> str:
+    """Escape a token for a FHIR search parameter, so that a comma is not read as OR (FHIR R4 3.1.1.5.7)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
 
 
 class _Context:

@@ -192,3 +192,21 @@ async def test_fhir_server_answering_garbage_ends_in_a_dead_letter(
     fhir.fault(0)  # the server is fixed: the operator replays the dead letter
     assert await engine.store.retry([dead[0].id]) == 1
     await wait_for(lambda: _count_done(engine, 1), what="replayed delivery")
+
+
+async def test_identifiers_with_search_separators_update_the_same_patient(
+        aiohttp_client: Any, tmp_path: Path, fhir_server: FhirServer) -> None:  # noqa: F811
+    # a Patient ID may hold ',' or '$': FHIR search must escape them (R4 3.1.1.5.7) or a conditional
+    # update would never find the Patient again and create a new one each time. (Medplum does not
+    # honour an escaped '|', so that case is only covered by the unit test of the escaping.)
+    route = ROUTE.replace("[study.stable, study.deleted]", "[instance.stored]").replace("stable_after: 0.5s\n", "")
+    client = await aiohttp_client(create_app(settings_for(tmp_path, fhir_server.url, route)))
+    pid = "MRN,42$A"
+    await stow(client, [make_instance(study_uid="1.2.826.0.1.3680043.10.1045.13.1", patient_id=pid)])
+    await stow(client, [make_instance(study_uid="1.2.826.0.1.3680043.10.1045.13.2", patient_id=pid)])
+    engine = client.app[ENGINE]
+    await wait_for(lambda: _count_done(engine, 2), what="two FHIR deliveries")
+    fhir = AsyncFHIRClient(fhir_server.url)
+    patients = [p for p in await fhir.resources("Patient").search(_count=1000).fetch()
+                if any(i.get("value") == pid for i in p.serialize().get("identifier", []))]
+    assert len(patients) == 1

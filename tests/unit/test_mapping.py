@@ -164,3 +164,11 @@ def test_deidentification_basic_profile_is_deterministic_and_records_the_method(
     other = deidentify_part10(io.BytesIO(original), [DeidOption.RETAIN_UIDS, DeidOption.RETAIN_LONGITUDINAL_FULL_DATES])
     kept = pydicom.dcmread(io.BytesIO(other))
     assert kept.StudyInstanceUID == ds.StudyInstanceUID and kept.StudyDate == "20240115"
+
+
+def test_search_identifiers_are_escaped() -> None:
+    from dicomflow.mapping.evaluate import BuiltResource, escape_search
+
+    assert escape_search("a,b|c$d\\e") == "a\\,b\\|c\\$d\\\\e"
+    built = BuiltResource("p", "Patient", "urn:x|y", "MRN,1", {})
+    assert built.search_identifier == "urn:x\\|y|MRN\\,1"
