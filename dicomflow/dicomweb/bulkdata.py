@@ -15,7 +15,7 @@ from aiohttp import web
 
 from dicomflow.appkeys import BLOBS, OFFLOADER
 from dicomflow.dicomweb.common import RouteAdder, dicomweb_root, instance_url
-from dicomflow.dicomweb.media import NATIVE_LE, OCTET_STREAM, TS_MEDIA_TYPE, parse_accept, requested_parts
+from dicomflow.dicomweb.media import NATIVE_LE, OCTET_STREAM, TS_MEDIA_TYPE, request_accept, requested_parts
 from dicomflow.dicomweb.multipart_writer import (
     MultipartStream,
     closing,
@@ -109,7 +109,7 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     inst = await load_instance(request)
     if path in _PIXEL_TAGS:
         return await _pixel_bulk(request, inst, path)
-    accept = parse_accept(request.headers.get("Accept"))
+    accept = request_accept(request.headers.get("Accept"), request.query.get("accept"))
     if not any(part == OCTET_STREAM for part, _ts in requested_parts(accept, OCTET_STREAM)):
         raise NotAcceptableError("bulk data is available as application/octet-stream (PS3.18 8.7.3.2)")
     off, blobs = request.app[OFFLOADER], request.app[BLOBS]

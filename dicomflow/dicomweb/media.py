@@ -52,6 +52,12 @@ def parse_media_type(text: str) -> MediaType:
     return MediaType(mtype, params, q)
 
 
+def request_accept(header: str | None, query_accept: str | None) -> list[MediaType]:
+    """PS3.18 8.3.3.1: an ``accept`` query parameter (for browsers that cannot set headers) takes the
+    place of the Accept header."""
+    return parse_accept(query_accept if query_accept and query_accept.strip() else header)
+
+
 def parse_accept(header: str | None) -> list[MediaType]:
     """Accept header -> media types, highest q first (stable for equal q). Missing header: ``*/*``."""
     if not header or not header.strip():

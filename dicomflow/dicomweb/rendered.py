@@ -16,7 +16,7 @@ from aiohttp import web
 
 from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER
 from dicomflow.dicomweb.common import RouteAdder, optional_path_uid, path_uid, tenant_of
-from dicomflow.dicomweb.media import MULTIPART, parse_accept
+from dicomflow.dicomweb.media import MULTIPART, request_accept
 from dicomflow.dicomweb.multipart_writer import MultipartStream, multipart_content_type, new_boundary
 from dicomflow.dicomweb.wado_frames import has_pixels, load_instance, parse_frame_list, record_has_pixels
 from dicomflow.errors import NotAcceptableError, NotFoundError
@@ -39,7 +39,7 @@ class RenderedChoice:
 
 def negotiate_rendered(request: web.Request) -> RenderedChoice:
     """PS3.18 8.7.4 rendered media types: image/jpeg (default), image/png, image/gif, single or multipart."""
-    for m in parse_accept(request.headers.get("Accept")):
+    for m in request_accept(request.headers.get("Accept"), request.query.get("accept")):
         if m.q <= 0:
             continue
         multipart: bool | None = m.type in (MULTIPART, "multipart/*")

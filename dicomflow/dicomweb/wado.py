@@ -23,7 +23,7 @@ from dicomflow.dicomweb.common import (
     path_uid,
     tenant_of,
 )
-from dicomflow.dicomweb.media import DICOM, Choice, negotiate_dicom, parse_accept, wants_dicom
+from dicomflow.dicomweb.media import DICOM, Choice, negotiate_dicom, request_accept, wants_dicom
 from dicomflow.dicomweb.multipart_writer import (
     SMALL_BLOB,
     SMALL_GROUP,
@@ -67,7 +67,7 @@ async def negotiate_records(request: web.Request, tenant: str,
 
     406 when no instance at all can be provided.
     """
-    accept = parse_accept(request.headers.get("Accept"))
+    accept = request_accept(request.headers.get("Accept"), request.query.get("accept"))
     if not wants_dicom(accept):
         raise NotAcceptableError("Accept must allow multipart/related; type=\"application/dicom\" (PS3.18 8.7.4)")
     choices: list[Choice | None] = [
@@ -167,7 +167,7 @@ async def _transcode(request: web.Request, record: InstanceRecord, choice: Choic
 
 
 def _check_json_accept(request: web.Request) -> None:
-    accept = parse_accept(request.headers.get("Accept"))
+    accept = request_accept(request.headers.get("Accept"), request.query.get("accept"))
     ok = {"application/dicom+json", "application/json", "*/*", "application/*"}
     if not any(m.q > 0 and m.type in ok for m in accept):
         raise NotAcceptableError("metadata is available as application/dicom+json only (PS3.18 10.4.1.1.2)")

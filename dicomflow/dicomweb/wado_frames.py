@@ -23,7 +23,7 @@ from dicomflow.dicomweb.media import (
     TS_MEDIA_TYPE,
     Choice,
     negotiate_pixels,
-    parse_accept,
+    request_accept,
 )
 from dicomflow.dicomweb.multipart_writer import (
     MultipartStream,
@@ -103,7 +103,8 @@ def parse_frame_list(text: str, available: int) -> list[int]:
 def negotiate_frames(request: web.Request, inst: StoredInstance) -> Choice:
     stored = inst.record.transfer_syntax_uid
     possible = possible_targets(stored, PixelInfo.from_metadata(inst.metadata))
-    choice = negotiate_pixels(parse_accept(request.headers.get("Accept")), stored, possible)
+    accept = request_accept(request.headers.get("Accept"), request.query.get("accept"))
+    choice = negotiate_pixels(accept, stored, possible)
     if choice is None:
         raise NotAcceptableError("no acceptable media type for these frames (PS3.18 8.7.3.3, Table 8.7.3-4)")
     return choice

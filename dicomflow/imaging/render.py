@@ -64,7 +64,7 @@ def _number(text: str, what: str) -> float:
 def parse_render_options(query: Mapping[str, str], media_type: str, *, thumbnail: bool = False) -> RenderOptions:
     """Rendered query parameters (PS3.18 8.3.5.1; thumbnails take only ``viewport``, 8.3.5.2). Bad values: 400."""
     allowed = {"viewport"} if thumbnail else {"viewport", "window", "quality", "annotation", "iccprofile"}
-    unknown = sorted(set(query) - allowed - {"charset"})
+    unknown = sorted(set(query) - allowed - {"charset", "accept"})  # accept: PS3.18 8.3.3.1
     if unknown:
         raise InvalidRequestError(f"unsupported query parameter(s) for rendered resources: {', '.join(unknown)}")
     quality = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import numpy as np
@@ -126,3 +127,13 @@ async def test_many_frames_are_decoded_in_batches(live_server: Any) -> None:
     assert status == 200 and len(parts) == 20
     for (_t, raw), idx in zip(parts, range(19, -1, -1), strict=True):
         assert np.array_equal(np.frombuffer(raw, "<u2").reshape(16, 16), pixels[idx])
+
+
+async def test_accept_query_parameter_replaces_the_header(stored: dict[str, Any]) -> None:
+    # PS3.18 8.3.3.1: browsers that cannot set Accept use ?accept=
+    _sop, _pixels, ds = stored["data"]["jls"]
+    url = _url(stored, "jls", "2") + "?accept=" + quote(OHIF_ACCEPT)
+    status, _ctype, parts = await _get(url, "image/png")
+    assert status == 200
+    assert parts[0] == (f"image/jls; transfer-syntax={JPEGLSLossless}",
+                        list(generate_frames(ds.PixelData, number_of_frames=5))[1])

@@ -113,6 +113,9 @@ async def test_thumbnails_collections_and_errors(stored: dict[str, Any]) -> None
         async with session.get(f"{root}/studies/{study}/series/{s1}/thumbnail",
                                params={"viewport": "64,64"}) as resp:
             assert resp.status == 200 and Image.open(io.BytesIO(await resp.read())).size == (64, 32)
+        async with session.get(f"{root}/studies/{study}/series/{s1}/thumbnail",
+                               params={"accept": "image/png"}, headers={"Accept": "image/jpeg"}) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "image/png"  # PS3.18 8.3.3.1
         async with session.get(f"{root}/studies/{study}/rendered",
                                headers={"Accept": 'multipart/related; type="image/png"'}) as resp:
             assert resp.status == 200
