@@ -15,7 +15,7 @@ from aiohttp import web
 
 from dicomflow.appkeys import BLOBS, OFFLOADER
 from dicomflow.dicomweb.common import RouteAdder, dicomweb_root, instance_url
-from dicomflow.dicomweb.media import NATIVE_LE, OCTET_STREAM, TS_MEDIA_TYPE, request_accept, requested_parts
+from dicomflow.dicomweb.media import MULTIPART, NATIVE_LE, OCTET_STREAM, TS_MEDIA_TYPE, request_accept
 from dicomflow.dicomweb.multipart_writer import (
     MultipartStream,
     closing,
@@ -25,6 +25,7 @@ from dicomflow.dicomweb.multipart_writer import (
 )
 from dicomflow.dicomweb.wado_frames import (
     StoredInstance,
+    document_type,
     has_pixels,
     load_instance,
     negotiate_frames,
@@ -36,6 +37,7 @@ from dicomflow.imaging.frames import pixel_value_range
 
 _PATH = re.compile(r"^([0-9A-Fa-f]{8}/[0-9]+/)*[0-9A-Fa-f]{8}$")
 _PIXEL_TAGS = ("7FE00010", "7FE00008", "7FE00009")
+_DOCUMENT = "00420011"  # Encapsulated Document
 _OCTET_PART = f"{OCTET_STREAM}; transfer-syntax=1.2.840.10008.1.2.1"
 
 
@@ -59,15 +61,16 @@ def _location(request: web.Request, inst: StoredInstance, path: str) -> str:
     return f"{instance_url(dicomweb_root(request), r.study_uid, r.series_uid, r.sop_uid)}/bulkdata/{path}"
 
 
-async def _single_part(request: web.Request, data: bytes, location: str) -> web.StreamResponse:
+async def _single_part(request: web.Request, data: bytes, location: str, media_type: str = OCTET_STREAM,
+                       part_type: str = _OCTET_PART) -> web.StreamResponse:
     boundary = new_boundary()
     response = web.StreamResponse(status=200)
-    response.headers["Content-Type"] = multipart_content_type(OCTET_STREAM, boundary)
-    response.content_length = len(part_header(boundary, _OCTET_PART, len(data), location)) + len(data) + 2 + len(
+    response.headers["Content-Type"] = multipart_content_type(media_type, boundary)
+    response.content_length = len(part_header(boundary, part_type, len(data), location)) + len(data) + 2 + len(
         closing(boundary))
     await response.prepare(request)
     out = MultipartStream(request, response, boundary, request.app[BLOBS], request.app[OFFLOADER])
-    await out.write_part(_OCTET_PART, data, location)
+    await out.write_part(part_type, data, location)
     await out.close()
     return response
 
@@ -110,11 +113,30 @@ async def bulkdata(request: web.Request) -> web.StreamResponse:
     if path in _PIXEL_TAGS:
         return await _pixel_bulk(request, inst, path)
     accept = request_accept(request.headers.get("Accept"), request.query.get("accept"))
-    if not any(part == OCTET_STREAM for part, _ts in requested_parts(accept, OCTET_STREAM)):
-        raise NotAcceptableError("bulk data is available as application/octet-stream (PS3.18 8.7.3.2)")
+    document = document_type(inst) if path == _DOCUMENT else None
+    how: str | None = None  # "octet", "multipart" (document type) or "single" (document type)
+    for m in accept:
+        if m.q <= 0:
+            continue
+        part = m.params.get("type", OCTET_STREAM).lower() if m.type in (MULTIPART, "multipart/*") else m.type
+        if document and part == document:
+            how = "multipart" if m.type.startswith("multipart/") else "single"
+            break
+        if part in (OCTET_STREAM, "*/*"):
+            how = "octet"
+            break
+    if how is None:
+        raise NotAcceptableError("bulk data is available as application/octet-stream (PS3.18 8.7.3.2)"
+                                 + (f" or {document}" if document else ""))
     off, blobs = request.app[OFFLOADER], request.app[BLOBS]
     data = await off.run(_read, await off.run(blobs.open_sync, inst.record.blob_key), path)
-    return await _single_part(request, data, _location(request, inst, path))
+    location = _location(request, inst, path)
+    if how == "single" and document:
+        # an encapsulated document in its own media type (PS3.18 8.7.3.2; e.g. a viewer's ?accept=application/pdf)
+        return web.Response(body=data, content_type=document, headers={"Content-Location": location})
+    if how == "multipart" and document:
+        return await _single_part(request, data, location, document, document)
+    return await _single_part(request, data, location)
 
 
 def add_routes(add: RouteAdder) -> None:

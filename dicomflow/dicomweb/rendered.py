@@ -18,8 +18,9 @@ from dicomflow.appkeys import BLOBS, INDEX, OFFLOADER
 from dicomflow.dicomweb.common import RouteAdder, optional_path_uid, path_uid, tenant_of
 from dicomflow.dicomweb.media import MULTIPART, request_accept
 from dicomflow.dicomweb.multipart_writer import MultipartStream, multipart_content_type, new_boundary
-from dicomflow.dicomweb.wado_frames import has_pixels, load_instance, parse_frame_list, record_has_pixels
+from dicomflow.dicomweb.wado_frames import document_type, has_pixels, load_instance, parse_frame_list, record_has_pixels
 from dicomflow.errors import NotAcceptableError, NotFoundError
+from dicomflow.imaging.bulk import read_bulk_value
 from dicomflow.imaging.render import (
     RENDERED_TYPES,
     RenderOptions,
@@ -51,6 +52,18 @@ def negotiate_rendered(request: web.Request) -> RenderedChoice:
         if mtype in RENDERED_TYPES:
             return RenderedChoice(mtype, multipart)
     raise NotAcceptableError("rendered resources are available as image/jpeg, image/png or image/gif")
+
+
+def _accepts(request: web.Request, media_type: str) -> bool:
+    return any(m.q > 0 and m.type in (media_type, "*/*")
+               for m in request_accept(request.headers.get("Accept"), request.query.get("accept")))
+
+
+def _read_document(fh: BinaryIO) -> bytes:
+    try:
+        return read_bulk_value(fh, "00420011")
+    finally:
+        fh.close()
 
 
 def _animate(fh: BinaryIO, opts: RenderOptions) -> bytes:
@@ -94,11 +107,17 @@ async def _multipart_images(request: web.Request, media: str, jobs: list[tuple[I
 
 async def rendered_instance(request: web.Request) -> web.StreamResponse:
     """Rendered instance (frame 1) or frames: one image, or multipart/related for several frames."""
-    choice = negotiate_rendered(request)
-    opts = parse_render_options(request.query, choice.media_type)
     inst = await load_instance(request)
     if not has_pixels(inst):
+        document = document_type(inst)
+        if document and "frames" not in request.match_info and _accepts(request, document):
+            # an encapsulated document (PDF, CDA...) rendered as itself (PS3.18 8.7.4 rendered media types)
+            off, blobs = request.app[OFFLOADER], request.app[BLOBS]
+            body = await off.run(_read_document, await off.run(blobs.open_sync, inst.record.blob_key))
+            return web.Response(body=body, content_type=document)
         raise NotAcceptableError("this instance has no image to render")
+    choice = negotiate_rendered(request)
+    opts = parse_render_options(request.query, choice.media_type)
     numbers = [1]
     if "frames" in request.match_info:
         numbers = parse_frame_list(request.match_info["frames"], inst.number_of_frames)

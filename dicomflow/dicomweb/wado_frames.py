@@ -38,6 +38,7 @@ from dicomflow.imaging.transcode import DEFLATED_EXPLICIT_VR_LE, PixelInfo, poss
 from dicomflow.index.base import InstanceRecord
 
 _FRAME_LIST = re.compile(r"^[0-9]+(,[0-9]+)*$")
+_MIME = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
 MAX_FRAMES_PER_REQUEST = 10000
 
 
@@ -67,6 +68,16 @@ def has_pixels(inst: StoredInstance) -> bool:
     if inst.record.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE:
         return "00280010" in inst.metadata  # Rows: an image, whose Pixel Data ingest could not locate
     return inst.record.pixel_data_offset is not None and "7FE00010" in inst.metadata
+
+
+def document_type(inst: StoredInstance) -> str | None:
+    """MIME Type of Encapsulated Document (0042,0012), PS3.3 C.24.2."""
+    try:
+        value = inst.metadata["00420012"]["Value"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    text = str(value).strip().lower()
+    return text if _MIME.match(text) else None
 
 
 async def load_instance(request: web.Request) -> StoredInstance:

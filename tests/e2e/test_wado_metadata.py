@@ -10,6 +10,7 @@ import aiohttp
 import numpy as np
 import pydicom
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
@@ -115,3 +116,24 @@ def test_native_pixel_bulk_data_equals_pixels(stored: dict[str, Any]) -> None:
     meta = _local(stored, client.retrieve_instance_metadata(stored["study"], stored["series"][0], a.SOPInstanceUID))
     (raw,) = client.retrieve_bulkdata(meta["7FE00010"]["BulkDataURI"])
     assert np.array_equal(np.frombuffer(raw, "<u2").reshape(32, 32), a.pixel_array)
+
+
+def test_encapsulated_pdf_as_bulk_data_and_rendered(live_server: Any) -> None:
+    pdf = b"%PDF-1.4\n" + b"0" * 4000 + b"\n%%EOF\n"
+    ds = make_dataset(pixels=False, sop_class="1.2.840.10008.5.1.4.1.1.104.1", modality="DOC")
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
+    client = DICOMwebClient(live_server.dicomweb)
+    client.store_instances([ds])
+    meta = client.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    uri = _local({"server": live_server}, meta)["00420011"]["BulkDataURI"]
+    assert client.retrieve_bulkdata(uri) == [ds.EncapsulatedDocument]
+    rendered = client.retrieve_instance_rendered(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                                 media_types=("application/pdf",))
+    assert rendered == ds.EncapsulatedDocument
+    resp = requests.get(uri + "?accept=application/pdf", timeout=30)  # how a browser viewer asks (8.3.3.1)
+    assert resp.status_code == 200 and resp.headers["Content-Type"] == "application/pdf"
+    assert resp.content == ds.EncapsulatedDocument
+    inst = uri.rsplit("/bulkdata/", 1)[0]
+    assert requests.get(inst + "/rendered", headers={"Accept": "image/jpeg"}, timeout=30).status_code == 406
