@@ -127,8 +127,10 @@ class LoopStream(Generic[T]):
     ever being buffered. :meth:`close` cancels the producer and closes the source (C-CANCEL, errors).
     """
 
-    def __init__(self, ctx: DimseContext, source: Callable[[], AsyncIterator[T]], prefetch: int = _PREFETCH):
+    def __init__(self, ctx: DimseContext, source: Callable[[], AsyncIterator[T]], prefetch: int = _PREFETCH,
+                 stall_timeout: float | None = None):
         self._ctx = ctx
+        self._stall_timeout = stall_timeout if stall_timeout is not None else ctx.settings.dimse.dimse_timeout
         self._source_factory = source
         self._prefetch = prefetch
         self._queue: asyncio.Queue[Any] | None = None
@@ -142,14 +144,28 @@ class LoopStream(Generic[T]):
 
     async def _produce(self) -> None:
         assert self._queue is not None and self._source is not None
+        source, put = self._source, self._put
         try:
-            async for item in self._source:
-                await self._queue.put(item)
-            await self._queue.put(_END)
+            async for item in source:
+                await put(item)
+            await put(_END)
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            # the consumer stopped taking (a peer that does not read its responses): let go of the
+            # database cursor now; the consumer's own wait times out if it ever comes back
+            logger.warning("C-FIND results not taken for %.0f s: search closed", self._stall_timeout)
         except BaseException as exc:  # handed to the consuming thread, raised there
-            await self._queue.put(exc)
+            with contextlib.suppress(TimeoutError):
+                await put(exc)
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _put(self, item: Any) -> None:
+        assert self._queue is not None
+        await asyncio.wait_for(self._queue.put(item), self._stall_timeout)
 
     async def _take(self) -> list[Any]:
         assert self._queue is not None

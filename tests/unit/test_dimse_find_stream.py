@@ -59,13 +59,13 @@ class _Source:
 
 def test_streams_everything_in_order(ctx: _Ctx) -> None:
     source = _Source(1000)
-    assert list(LoopStream(ctx, lambda: aiter(source), prefetch=16)) == list(range(1000))
+    assert list(LoopStream(ctx, lambda: aiter(source), prefetch=16, stall_timeout=10)) == list(range(1000))
     assert source.closed
 
 
 def test_producer_stays_a_bounded_distance_ahead(ctx: _Ctx) -> None:
     source = _Source(10_000)
-    stream = LoopStream(ctx, lambda: aiter(source), prefetch=8)
+    stream = LoopStream(ctx, lambda: aiter(source), prefetch=8, stall_timeout=10)
     it = iter(stream)
     assert next(it) == 0
     ctx.run(asyncio.sleep(0.2))  # give the producer every chance to run ahead
@@ -78,7 +78,18 @@ def test_errors_reach_the_consumer(ctx: _Ctx) -> None:
     source = _Source(100, fail_at=40)
     got: list[int] = []
     with pytest.raises(OutOfResourcesError):
-        for item in LoopStream(ctx, lambda: aiter(source)):
+        for item in LoopStream(ctx, lambda: aiter(source), stall_timeout=10):
             got.append(item)
     assert got == list(range(40))
     assert source.closed
+
+
+def test_a_consumer_that_stops_taking_releases_the_source(ctx: _Ctx) -> None:
+    """A peer that does not read its responses must not hold a database cursor forever."""
+    source = _Source(10_000)
+    stream = LoopStream(ctx, lambda: aiter(source), prefetch=4, stall_timeout=0.2)
+    it = iter(stream)
+    assert next(it) == 0
+    ctx.run(asyncio.sleep(0.6))
+    assert source.closed and source.produced < 20
+    stream.close()
