@@ -42,6 +42,7 @@ from dicomflow.model import BULK_PLACEHOLDER
 logger = logging.getLogger(__name__)
 
 _NOT_FOUND = "no such study, series or instance"
+METADATA_INLINE_LIMIT = 2 << 20
 _QUOTED_PLACEHOLDER = f'"{BULK_PLACEHOLDER}/'
 
 
@@ -52,13 +53,17 @@ async def _pixel_infos(request: web.Request, tenant: str, records: list[Instance
     sop = first.sop_uid if len(records) == 1 else None
     wanted = {r.sop_uid for r in records}
     rows = await request.app[INDEX].instance_metadata_keyed(tenant, first.study_uid, series, sop)
-    infos: dict[str, PixelInfo] = {}
-    for _series, sop_uid, text in rows:
-        if sop_uid in wanted:
-            info = PixelInfo.from_metadata(json.loads(text))
-            if info is not None:
-                infos[sop_uid] = info
-    return infos
+
+    def parse() -> dict[str, PixelInfo]:  # JSON parsing is CPU work: off the loop
+        infos: dict[str, PixelInfo] = {}
+        for _series, sop_uid, text in rows:
+            if sop_uid in wanted:
+                info = PixelInfo.from_metadata(json.loads(text))
+                if info is not None:
+                    infos[sop_uid] = info
+        return infos
+
+    return await request.app[OFFLOADER].run(parse)
 
 
 async def negotiate_records(request: web.Request, tenant: str,
@@ -188,12 +193,18 @@ async def metadata(request: web.Request) -> web.Response:
     if not rows:
         raise NotFoundError(_NOT_FOUND)
     root = dicomweb_root(request)
-    texts = [
-        text.replace(_QUOTED_PLACEHOLDER, f'"{instance_url(root, study, series_uid, sop_uid)}/bulkdata/')
-        if _QUOTED_PLACEHOLDER in text else text
-        for series_uid, sop_uid, text in rows
-    ]
-    body = ("[" + ",".join(texts) + "]").encode("utf-8")
+
+    def build() -> bytes:
+        texts = [
+            text.replace(_QUOTED_PLACEHOLDER, f'"{instance_url(root, study, series_uid, sop_uid)}/bulkdata/')
+            if _QUOTED_PLACEHOLDER in text else text
+            for series_uid, sop_uid, text in rows
+        ]
+        return ("[" + ",".join(texts) + "]").encode("utf-8")
+
+    # a few MB of string work is faster inline than a thread hop; beyond that, keep the loop free
+    large = sum(len(text) for _s, _i, text in rows) > METADATA_INLINE_LIMIT
+    body = await request.app[OFFLOADER].run(build) if large else build()
     return web.Response(body=body, content_type=DICOM_JSON, charset="utf-8")
 
 

@@ -93,7 +93,8 @@ async def load_instance(request: web.Request) -> StoredInstance:
     rows = await index.instance_metadata_keyed(tenant, study, series, sop)
     if not rows:
         raise NotFoundError("no such instance")
-    return StoredInstance(tenant, records[0], json.loads(rows[0][2]))
+    metadata = await request.app[OFFLOADER].run(json.loads, rows[0][2])  # may be large (enhanced multi-frame)
+    return StoredInstance(tenant, records[0], metadata)
 
 
 def parse_frame_list(text: str, available: int) -> list[int]:
