@@ -85,6 +85,8 @@ TS_MEDIA_TYPE: dict[str, str] = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.110": "image/jxl", "1.2.840.10008.1.2.4.111": "image/jxl",
+    "1.2.840.10008.1.2.4.112": "image/jxl",
     "1.2.840.10008.1.2.4.100": "video/mpeg2", "1.2.840.10008.1.2.4.101": "video/mpeg2",
     "1.2.840.10008.1.2.4.102": "video/mp4", "1.2.840.10008.1.2.4.103": "video/mp4",
     "1.2.840.10008.1.2.4.104": "video/mp4", "1.2.840.10008.1.2.4.105": "video/mp4",
@@ -101,6 +103,7 @@ MEDIA_DEFAULT_TS: dict[str, str] = {
     "image/jpx": "1.2.840.10008.1.2.4.92",
     "image/jphc": "1.2.840.10008.1.2.4.201",
     "image/dicom-rle": "1.2.840.10008.1.2.5",
+    "image/jxl": "1.2.840.10008.1.2.4.110",
     "video/mpeg2": "1.2.840.10008.1.2.4.100",
     "video/mp4": "1.2.840.10008.1.2.4.102",
     "video/H265": "1.2.840.10008.1.2.4.107",
@@ -108,6 +111,7 @@ MEDIA_DEFAULT_TS: dict[str, str] = {
 #: Names older clients (and dicomweb-client) still send.
 _ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls", "video/h265": "video/H265"}
 NATIVE_LE = frozenset({EXPLICIT_VR_LE, IMPLICIT_VR_LE})
+_NATIVE = NATIVE_LE | {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}  # + deflated, big endian
 
 
 def canonical_type(mtype: str) -> str:
@@ -180,7 +184,8 @@ def negotiate_pixels(accept: list[MediaType], stored_ts: str, possible: frozense
         if ts == ANY_TS:
             if part == OCTET_STREAM or part in ("image/*", "video/*") or TS_MEDIA_TYPE.get(stored_ts) == part:
                 media = TS_MEDIA_TYPE.get(stored_ts, OCTET_STREAM)
-                return Choice(media, EXPLICIT_VR_LE if media == OCTET_STREAM else stored_ts)
+                # native data goes out in Explicit VR Little Endian byte order; anything else as stored
+                return Choice(media, EXPLICIT_VR_LE if stored_ts in _NATIVE else stored_ts)
             continue
         if part == OCTET_STREAM:
             if ts in NATIVE_LE and (stored_ts in NATIVE_LE or ts in possible):

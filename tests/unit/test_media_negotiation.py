@@ -71,6 +71,10 @@ def test_video_is_only_sent_as_stored() -> None:
      Choice("application/octet-stream", ELE)),  # OHIF
     ("multipart/related; type=application/octet-stream; transfer-syntax=*", JLS, Choice("image/jls", JLS)),
     ("multipart/related; type=application/octet-stream; transfer-syntax=*", RLE, Choice("image/dicom-rle", RLE)),
+    ("multipart/related; type=application/octet-stream; transfer-syntax=*", "1.2.840.10008.1.2.2",
+     Choice("application/octet-stream", ELE)),  # big endian goes out little endian
+    ("multipart/related; type=application/octet-stream; transfer-syntax=*", "1.2.3.4.5",
+     Choice("application/octet-stream", "1.2.3.4.5")),  # unknown encapsulated syntax: as stored
     (None, JLS, Choice("application/octet-stream", ELE)),  # decode to the default
     ('multipart/related; type="image/jls"', ELE, Choice("image/jls", JLS)),  # default TS of image/jls
     ('multipart/related; type="image/x-jls"', JLS, Choice("image/jls", JLS)),  # older name
