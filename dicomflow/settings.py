@@ -86,6 +86,9 @@ class HttpSettings(_Model):
     #: Origins allowed to call DICOMweb from a browser (OHIF and other viewers). "*" allows any.
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     #: Largest request line / header field accepted (bytes); beyond it: 431 / 400.
+    #: The base URL clients use (e.g. https://dicom.example.org behind a proxy). Without it, URLs in
+    #: responses (RetrieveURL, BulkDataURI) come from Forwarded / X-Forwarded-* and Host headers.
+    public_url: str | None = None
     max_field_size: int = 16384
     max_line_size: int = 16384
 
@@ -307,6 +310,9 @@ class LimitSettings(_Model):
     bulk_data_threshold: int = 1024
     #: Parallel pydicom/transcode workers
     parse_workers: int = 4
+    #: Threads for blob I/O (fsyncs, renames, reads): they mostly wait on the disk, so they get their own
+    #: pool instead of queueing behind pydicom work in parse_workers
+    io_workers: int = Field(default=8, ge=1)
 
 
 class S3Settings(_Model):

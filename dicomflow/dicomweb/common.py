@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 
@@ -42,9 +43,35 @@ def origin_of(request: web.Request) -> str:
                 proto = value.strip()
             else:
                 host = value.strip()
+    public = request.app[SETTINGS].http.public_url
+    if public and not (proto or host):
+        return public.rstrip("/")
     proto = proto or request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() or request.scheme
-    host = host or request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    host = host or forwarded_host or _host_with_port(request)
     return f"{proto}://{host}"
+
+
+def _host_with_port(request: web.Request) -> str:
+    """The Host header; when it names an IP literal or localhost without the port we listen on, add it.
+
+    RFC 9110 7.2 requires the port in Host when it is not the scheme's default, but some clients
+    (dicomweb-client sends ``Host: 127.0.0.1``) leave it out, and every RetrieveURL/BulkDataURI built
+    from it would then point at port 80. Names (a proxy's public host) are trusted as given.
+    """
+    host = request.host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if not sockname or host.endswith("]") or ":" in host:
+        return host
+    port = int(sockname[1])
+    if port == (443 if request.secure else 80):
+        return host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            return host
+    return f"{host}:{port}"
 
 
 def dicomweb_root(request: web.Request) -> str:

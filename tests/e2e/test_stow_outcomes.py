@@ -30,6 +30,13 @@ SOP_CLASS = "00081150"
 SOP_INSTANCE = "00081155"
 
 
+@pytest.fixture
+def live_server(live_server_factory: Any) -> LiveServer:
+    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
+    server: LiveServer = live_server_factory(routing={"enabled": False})
+    return server
+
+
 def post(url: str, parts: list[bytes], **kwargs: Any) -> requests.Response:
     body, ctype = multipart(parts, **kwargs)
     return requests.post(url, data=body, headers={"Content-Type": ctype, "Accept": "application/dicom+json"},
@@ -52,9 +59,9 @@ def test_200_every_instance_stored_via_dicomweb_client(live_server: LiveServer) 
     client = DICOMwebClient(live_server.dicomweb)
     result: Dataset = client.store_instances(datasets)
 
-    # dicomweb-client sends "Host: 127.0.0.1" without the port (RFC 9110 7.2 wants it), and URLs are built
-    # from the Host the client sent: so its URLs have no port here; the raw tests below check the full URL.
-    root = "http://127.0.0.1/dicomweb"
+    # dicomweb-client sends "Host: 127.0.0.1" without the port (RFC 9110 7.2 wants it); the server adds the
+    # port it listens on for IP-literal hosts, so the URLs still resolve.
+    root = live_server.dicomweb
     assert result.RetrieveURL == f"{root}/studies/{study}"
     assert "FailedSOPSequence" not in result
     refs = {item.ReferencedSOPInstanceUID: item for item in result.ReferencedSOPSequence}
