@@ -36,11 +36,13 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
     configure_pydicom()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     offloader = Offloader(settings.limits.parse_workers)
+    io_offloader = Offloader(settings.limits.io_workers, name="dicomflow-io")  # blob file I/O
     index = await SqlIndexStore.open(settings.index_url)
     try:
-        blobs = await open_blob_store(settings, offloader)
+        blobs = await open_blob_store(settings, io_offloader)
     except BaseException:
         await index.close()
+        io_offloader.shutdown()
         raise
     app[OFFLOADER] = offloader
     app[INDEX] = index
@@ -52,6 +54,7 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         await blobs.close()
         await index.close()
         offloader.shutdown()
+        io_offloader.shutdown()
 
 
 async def _auth(app: web.Application) -> AsyncIterator[None]:
