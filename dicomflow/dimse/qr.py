@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
@@ -136,6 +137,8 @@ class LoopStream(Generic[T]):
         self._queue: asyncio.Queue[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._source: AsyncIterator[T] | None = None
+        self._consumer: int | None = None
+        self._stopping = False
 
     async def _start(self) -> None:
         self._queue = asyncio.Queue(self._prefetch)
@@ -147,8 +150,13 @@ class LoopStream(Generic[T]):
         source, put = self._source, self._put
         try:
             async for item in source:
+                if self._stopping:
+                    break
                 await put(item)
-            await put(_END)
+                if self._stopping:
+                    break
+            else:
+                await put(_END)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -174,12 +182,23 @@ class LoopStream(Generic[T]):
             items.append(self._queue.get_nowait())
         return items
 
-    @staticmethod
-    async def _stop(task: asyncio.Task[None] | None, source: AsyncIterator[Any] | None) -> None:
+    async def _stop(self, task: asyncio.Task[None] | None, queue: asyncio.Queue[Any] | None,
+                    source: AsyncIterator[Any] | None) -> None:
+        """Let the producer finish its current step and close the source itself (``_stopping`` is set).
+
+        The producer is not cancelled while a database read is in flight: it stops between two matches
+        (a full queue is drained so that a waiting ``put`` returns). Only one that does not stop within
+        the stall timeout is cancelled.
+        """
+        while queue is not None and not queue.empty():
+            queue.get_nowait()
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self._stall_timeout)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -189,6 +208,7 @@ class LoopStream(Generic[T]):
         return await self._take()
 
     def __iter__(self) -> Iterator[T]:
+        self._consumer = threading.get_ident()
         take = self._start_and_take  # the first hop also starts the producer: one loop hop saved
         try:
             while True:
@@ -203,18 +223,30 @@ class LoopStream(Generic[T]):
             self.close()
 
     def close(self) -> None:
+        """Stop the producer and close the source; waits for it only on the consuming thread.
+
+        From any other thread (a generator finalised by the garbage collector, which may run on the
+        loop's thread or on a database driver's thread that the cleanup itself needs) the cleanup is
+        scheduled on the loop instead of awaited, so it can never deadlock.
+        """
         if self._source is None and self._task is None:
             return
-        task, source = self._task, self._source
+        task, queue, source = self._task, self._queue, self._source
         self._source, self._task = None, None
-        if _running_loop() is self._ctx.loop:
-            # a generator finalised by the garbage collector on the loop's own thread: waiting here
-            # would block the loop, so the cleanup runs as a task instead
-            cleanup = self._ctx.loop.create_task(self._stop(task, source))
+        self._stopping = True
+        if threading.get_ident() == self._consumer:
+            self._ctx.run(self._stop(task, queue, source), self._stall_timeout + 5)
+            return
+
+        def schedule() -> None:
+            cleanup = self._ctx.loop.create_task(self._stop(task, queue, source))
             _CLEANUPS.add(cleanup)  # the loop keeps only a weak reference to tasks
             cleanup.add_done_callback(_CLEANUPS.discard)
+
+        if _running_loop() is self._ctx.loop:
+            schedule()
         else:
-            self._ctx.run(self._stop(task, source))
+            self._ctx.loop.call_soon_threadsafe(schedule)
 
 
 _CLEANUPS: set[asyncio.Task[None]] = set()
@@ -408,34 +440,34 @@ class QueryRetrieve:
 
         stream = LoopStream(self.ctx, search)
         sent = 0
+        final: tuple[int | Dataset, None] = (SUCCESS, None)
         restore = _fast_polling(assoc)
+        # pynetdicom never resumes a handler after a final status: clean up before yielding one
         try:
             for match in stream:
                 if event.is_cancelled:
                     logger.info("C-FIND cancelled assoc=%s tenant=%s after %d matches", assoc.name, tenant, sent)
-                    yield CANCEL, None
-                    return
+                    final = (CANCEL, None)
+                    break
                 yield PENDING, to_response(match, level, retrieve_ae, wanted_charset)
                 sent += 1
         except OutOfResourcesError as exc:
             logger.error("C-FIND assoc=%s tenant=%s: %s", assoc.name, tenant, exc.detail)
-            yield _status(OUT_OF_RESOURCES, exc.detail), None
-            return
+            final = (_status(OUT_OF_RESOURCES, exc.detail), None)
         except DicomServiceError as exc:
             logger.error("C-FIND assoc=%s tenant=%s: %s", assoc.name, tenant, exc.detail)
-            yield _status(UNABLE_TO_PROCESS, exc.detail), None
-            return
+            final = (_status(UNABLE_TO_PROCESS, exc.detail), None)
         finally:
             restore()
             stream.close()
-        if event.is_cancelled:
-            yield CANCEL, None
-            return
-        if results and results[0].truncated:
-            logger.warning("C-FIND assoc=%s tenant=%s: stopped at the limit of %d matches",
-                           assoc.name, tenant, sent)
+        if final[0] == SUCCESS:
+            if event.is_cancelled:
+                final = (CANCEL, None)
+            elif results and results[0].truncated:
+                logger.warning("C-FIND assoc=%s tenant=%s: stopped at the limit of %d matches",
+                               assoc.name, tenant, sent)
         logger.info("C-FIND assoc=%s tenant=%s level=%s: %d matches", assoc.name, tenant, level.value, sent)
-        yield SUCCESS, None
+        yield final
 
     # C-MOVE / C-GET --------------------------------------------------------------------------------
 
