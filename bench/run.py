@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qido-queries", type=int, help="queries per kind per repeat; default 30, quick 10")
     p.add_argument("--wado-mb", type=int, help="WADO study size (MB); default 100, quick 53 (100 CT instances)")
     p.add_argument("--memory-mb", type=int, help="size of the one streamed STOW request; default 1024, quick 256")
+    p.add_argument("--orthanc-postgres", metavar="HOST:PORT:USER",
+                   help="also run Orthanc on its PostgreSQL index (fresh database), e.g. 127.0.0.1:5432:postgres")
     p.add_argument("--json", type=Path, help="also write raw results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
     args = p.parse_args(argv)
@@ -89,9 +91,15 @@ class Bench:
         self.raw: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "json"}}
         self.lines: list[str] = []
 
-    def order(self, r: int) -> list[Server]:
+    def order(self, r: int, servers: list[Server] | None = None) -> list[Server]:
         """Alternate which server goes first, so neither always runs on a warmer or cooler machine."""
-        return self.servers if r % 2 == 0 else list(reversed(self.servers))
+        chosen = self.servers if servers is None else servers
+        return chosen if r % 2 == 0 else list(reversed(chosen))
+
+    @property
+    def compared(self) -> list[Server]:
+        """Servers in the QIDO/WADO/memory phases: Orthanc on PostgreSQL only takes part in STOW (loss check)."""
+        return [s for s in self.servers if s.name != "orthanc-pg"]
 
     def out(self, line: str = "") -> None:
         print(line, flush=True)
@@ -152,7 +160,7 @@ class Bench:
         items = list(data.instances_of(plans, per_series))
         bodies = [(data.multipart(chunk), len(chunk)) for chunk in data.batch(items, 10)]
         del items
-        for server in self.servers:
+        for server in self.compared:
             res = await stow_load(server, bodies, 4)
             print(f"  loaded {res.stored} instances into {server.name} in {res.seconds:.1f}s "
                   f"({res.rate:.0f}/s, failed={res.failed} unreported={res.unreported} lost={res.lost})", flush=True)
@@ -163,14 +171,14 @@ class Bench:
         plans = data.qido_dataset(a.qido_instances, per_series=10)
         await self.load(plans, 10)
         queries = query_mix(plans, a.qido_queries)
-        per: dict[str, dict[str, list[LatencyResult]]] = {s.name: {k: [] for k in QUERY_KINDS} for s in self.servers}
+        per: dict[str, dict[str, list[LatencyResult]]] = {s.name: {k: [] for k in QUERY_KINDS} for s in self.compared}
         for r in range(a.repeats):
-            for server in self.order(r):
+            for server in self.order(r, self.compared):
                 res = await qido_latency(server, queries)
                 for kind, lat in res.items():
                     per[server.name][kind].append(lat)
-        held = {s.name: s.count_instances() for s in self.servers}
-        names = [s.name for s in self.servers]
+        held = {s.name: s.count_instances() for s in self.compared}
+        names = [s.name for s in self.compared]
         self.out(f"### QIDO-RS latency, ms (one client; {len(plans)} studies, {held} instances held; "
                  f"{a.qido_queries} queries per kind x {a.repeats} repeats; median of per-repeat p50/p95)")
         self.out()
@@ -210,17 +218,17 @@ class Bench:
         bodies = [(data.multipart(chunk), len(chunk)) for chunk in data.batch(items, 10)]
         study_bytes = sum(len(x) for x in items)
         del items
-        for server in self.servers:
+        for server in self.compared:
             res = await stow_load(server, bodies, 4)
             print(f"  WADO study: {res.stored} instances into {server.name} ({res.failed} failed)", flush=True)
         del bodies
-        retrieve: dict[str, list[RetrieveResult]] = {s.name: [] for s in self.servers}
-        meta: dict[str, list[LatencyResult]] = {s.name: [] for s in self.servers}
+        retrieve: dict[str, list[RetrieveResult]] = {s.name: [] for s in self.compared}
+        meta: dict[str, list[LatencyResult]] = {s.name: [] for s in self.compared}
         for r in range(a.repeats):
-            for server in self.order(r):
+            for server in self.order(r, self.compared):
                 retrieve[server.name].append(await study_retrieve(server, study, 3))
                 meta[server.name].append(await series_metadata(server, study, first.series_uid, 10))
-        names = [s.name for s in self.servers]
+        names = [s.name for s in self.compared]
         rate = {n: _median(_flat(x.rates for x in retrieve[n])) for n in names}
         mp50 = {n: _median([x.p50 for x in meta[n] if x.p50 is not None]) for n in names}
         mp95 = {n: _median([x.p95 for x in meta[n] if x.p95 is not None]) for n in names}
@@ -250,7 +258,7 @@ class Bench:
         a = self.args
         template = data.series_template(study_uid=data.new_uid(1), series_uid=data.new_uid(2), rows=512, columns=512)
         results: dict[str, MemoryResult] = {}
-        for server in self.servers:
+        for server in self.compared:
             res = await big_stow(server, template, a.memory_mb * 1024 * 1024)
             results[server.name] = res
             print(f"  memory {server.name}: {res}", flush=True)
@@ -285,6 +293,8 @@ async def main_async(args: argparse.Namespace) -> int:
             started.append(servers.start_dicomflow(workdir))
         if "orthanc" in args.servers:
             started.append(servers.start_orthanc(workdir))
+        if args.orthanc_postgres:
+            started.append(servers.start_orthanc(workdir, postgres=args.orthanc_postgres))
         bench = Bench(args, started)
         bench.out(f"## Benchmark run: {machine_notes()}")
         bench.out()
@@ -302,6 +312,7 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         for server in started:
             server.stop()
+            servers.drop_orthanc_database(server)
         if not args.keep:
             servers.cleanup(workdir)
     return 0

@@ -64,7 +64,7 @@ class Server:
 
     def count_instances(self) -> int:
         """Instances the server really holds (independent of what its STOW responses said)."""
-        if self.name == "orthanc":
+        if self.name.startswith("orthanc"):
             base = self.root.rsplit("/dicom-web", 1)[0]
             with urllib.request.urlopen(f"{base}/statistics", timeout=30) as resp:
                 return int(json.load(resp)["CountInstances"])
@@ -102,19 +102,36 @@ def start_dicomflow(workdir: Path, extra_env: dict[str, str] | None = None) -> S
     return Server("dicomflow", f"http://127.0.0.1:{http}/dicomweb", data, proc, log)
 
 
-def start_orthanc(workdir: Path) -> Server:
-    data = workdir / "orthanc"
+def start_orthanc(workdir: Path, postgres: str | None = None) -> Server:
+    """Orthanc with its SQLite index, or with the PostgreSQL index plugin in a fresh database.
+
+    ``postgres`` is ``host:port:user`` of a running PostgreSQL that accepts that user without a password.
+    """
+    name = "orthanc-pg" if postgres else "orthanc"
+    data = workdir / name
     data.mkdir(parents=True, exist_ok=True)
     http, dicom = free_port(), free_port()
-    log = workdir / "orthanc.log"
+    log = workdir / f"{name}.log"
+    cmd = ["bash", str(ORTHANC_START), "--http-port", str(http), "--dicom-port", str(dicom), "--dir", str(data)]
+    if postgres:
+        host, port, user = postgres.split(":")
+        db = f"orthanc_bench_{os.getpid()}_{http}"
+        subprocess.run(["createdb", "-h", host, "-p", port, "-U", user, db], check=True)
+        (data / "pgdb").write_text(f"{host}:{port}:{user}:{db}")
+        cmd += ["--postgres", f"{host}:{port}:{db}:{user}"]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            ["bash", str(ORTHANC_START), "--http-port", str(http), "--dicom-port", str(dicom), "--dir", str(data)],
-            stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     _wait_ready(f"http://127.0.0.1:{http}/system", proc, log)
     # Orthanc gzips responses unless told not to; compressing would only measure zlib.
-    return Server("orthanc", f"http://127.0.0.1:{http}/dicom-web", data, proc, log,
+    return Server(name, f"http://127.0.0.1:{http}/dicom-web", data, proc, log,
                   headers={"Accept-Encoding": "identity"})
+
+
+def drop_orthanc_database(server: Server) -> None:
+    marker = server.data_dir / "pgdb"
+    if marker.is_file():
+        host, port, user, db = marker.read_text().split(":")
+        subprocess.run(["dropdb", "--if-exists", "-h", host, "-p", port, "-U", user, db], check=False)
 
 
 def cleanup(workdir: Path) -> None:
