@@ -27,7 +27,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
     from tests.conftest import _run_server, free_port
 
-    settings = make_settings(tmp_path_factory.mktemp("bad"), limits={"max_instance_size": 200_000})
+    settings = make_settings(tmp_path_factory.mktemp("bad"), limits={"max_instance_size": 200_000},
+                             routing={"enabled": False})
     port = free_port()
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=_run_server, args=(settings, port, ready, stop), daemon=True)

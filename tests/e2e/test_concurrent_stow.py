@@ -25,6 +25,13 @@ BATCHES = 4
 BATCH = 10
 
 
+@pytest.fixture
+def live_server(live_server_factory: Any) -> LiveServer:
+    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
+    server: LiveServer = live_server_factory(routing={"enabled": False})
+    return server
+
+
 def _batches() -> tuple[list[list[tuple[str, bytes]]], set[str], set[str]]:
     """Per client, per batch: (sop_uid, bytes). Also the SOPs expected to fail and the contested ones."""
     plans: list[list[tuple[str, bytes]]] = []

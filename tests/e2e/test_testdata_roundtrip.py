@@ -66,7 +66,7 @@ NOT_STORABLE = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = make_settings(tmp_path_factory.mktemp("roundtrip"))
+    settings = make_settings(tmp_path_factory.mktemp("roundtrip"), routing={"enabled": False})
     port = free_port()
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=_run_server, args=(settings, port, ready, stop), daemon=True)
