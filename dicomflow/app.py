@@ -14,7 +14,7 @@ from dicomflow.audit.http import setup_routes as setup_audit_routes
 from dicomflow.audit.trail import AuditTrail
 from dicomflow.auth.middleware import AUTHENTICATOR, auth_middleware
 from dicomflow.auth.oidc import Authenticator
-from dicomflow.cors import cors_middleware
+from dicomflow.cors import cors_middleware, cors_response_headers
 from dicomflow.dicomweb.errors import dicom_errors
 from dicomflow.dicomweb.routes import setup_routes
 from dicomflow.dimse.server import dimse_server
@@ -90,6 +90,7 @@ def create_app(settings: Settings) -> web.Application:
                       "max_line_size": settings.http.max_line_size},
     )
     app[SETTINGS] = settings
+    app.on_response_prepare.append(cors_response_headers(settings.http.cors_origins))
     app.cleanup_ctx.append(_core)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_auth)

@@ -1,6 +1,14 @@
-"""CORS for browser viewers (OHIF and others call DICOMweb cross-origin, with Authorization headers)."""
+"""CORS for browser viewers (OHIF and others call DICOMweb cross-origin, with Authorization headers).
+
+Preflight requests are answered by a middleware; the headers of every other response are added by an
+``on_response_prepare`` signal, so that streamed responses (WADO-RS multipart, frames: prepared inside
+their handler) and error responses raised as exceptions carry them too. Without them a browser hides
+the response from the page (Fetch Standard, CORS check), e.g. OHIF cannot read a single frame.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -10,8 +18,10 @@ from dicomflow.dicomweb.common import Handler
 ALLOW_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 EXPOSE_HEADERS = "Content-Type, Content-Length, Content-Location, Warning, Retry-After, Location"
 
+ResponsePrepare = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
-def cors_middleware(allowed: list[str]) -> Middleware:
+
+def _origin_policy(allowed: list[str]) -> Callable[[str | None], str | None]:
     any_origin = "*" in allowed
     allowed_set = set(allowed)
 
@@ -20,10 +30,17 @@ def cors_middleware(allowed: list[str]) -> Middleware:
             return None
         return origin if any_origin or origin in allowed_set else None
 
+    return allow_origin
+
+
+def cors_middleware(allowed: list[str]) -> Middleware:
+    """Answers CORS preflight requests (before authentication: a preflight carries no credentials)."""
+    allow_origin = _origin_policy(allowed)
+
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = allow_origin(request.headers.get("Origin"))
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            origin = allow_origin(request.headers.get("Origin"))
             if origin is None:
                 return web.Response(status=403, text="origin not allowed")
             headers = {
@@ -35,11 +52,21 @@ def cors_middleware(allowed: list[str]) -> Middleware:
                 "Vary": "Origin",
             }
             return web.Response(status=204, headers=headers)
-        response = await handler(request)
-        if origin is not None and not response.prepared:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-            response.headers.add("Vary", "Origin")
-        return response
+        return await handler(request)
 
     return cors
+
+
+def cors_response_headers(allowed: list[str]) -> ResponsePrepare:
+    """``app.on_response_prepare`` handler: CORS headers on every response, streamed or not."""
+    allow_origin = _origin_policy(allowed)
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        origin = allow_origin(request.headers.get("Origin"))
+        if origin is None or "Access-Control-Allow-Origin" in response.headers:
+            return
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+        response.headers.add("Vary", "Origin")
+
+    return add_headers
