@@ -195,3 +195,29 @@ def test_charsets_japanese_and_utf8(live_server_factory: Any, tmp_path: Path) ->
     ideographic = findscu(srv, tmp_path / "jp", ["QueryRetrieveLevel=STUDY", "SpecificCharacterSet=ISO_IR 192",
                                                   "PatientName=山田*", "PatientID"])
     assert [r.PatientID for r in ideographic.responses] == ["JP-1"]
+
+
+def test_sequence_matching_and_sequence_return_keys(live_server_factory: Any, tmp_path: Path) -> None:
+    """PS3.4 C.2.2.2.6: a sequence key with one item matches on its item keys and returns those keys."""
+    from pydicom.dataset import Dataset
+
+    def with_request(sps: str, rp: str, **kwargs: Any) -> Any:
+        ds = make_dataset(**kwargs)
+        item = Dataset()
+        item.ScheduledProcedureStepID = sps
+        item.RequestedProcedureID = rp
+        ds.RequestAttributesSequence = [item]
+        return ds
+
+    srv = dimse_server(live_server_factory, tmp_path)
+    study = generate_uid()
+    one = with_request("SPS-1", "RP-1", study_uid=study, instance_number=1)
+    two = with_request("SPS-2", "RP-2", study_uid=study, instance_number=2)
+    storescu(srv, write_instances(tmp_path / "in", [one, two]))
+    result = findscu(srv, tmp_path / "out", [
+        "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "SeriesInstanceUID",
+        "(0040,0275)[0].(0040,0009)=SPS-2", "(0040,0275)[0].(0040,1001)"])
+    assert result.proc.returncode == 0, result.output
+    assert [r.SeriesInstanceUID for r in result.responses] == [two.SeriesInstanceUID]
+    [item] = result.responses[0].RequestAttributesSequence
+    assert item.ScheduledProcedureStepID == "SPS-2" and item.RequestedProcedureID == "RP-2"
