@@ -17,7 +17,9 @@ C-FIND
 
 C-MOVE / C-GET
     The identifier's unique keys (lists of UIDs allowed at the retrieve level, PS3.4 C.4.2.2.1) select
-    instances through the same matcher; the destination of a C-MOVE must be one of the tenant's
+    instances through the same matcher. Unlike C-FIND, the unique keys of the levels above may be left
+    out (the retrieve level's UIDs identify the instances; many SCUs send only those), but one that is
+    present needs a single value. The destination of a C-MOVE must be one of the tenant's
     ``remote_nodes``, otherwise 0xA801. Sub-operations go through pynetdicom's sub-operation loop, which
     counts remaining/completed/failed/warning in each pending response, answers 0xB000 when some failed,
     0xA702 when all failed, and 0xFE00 on C-CANCEL. The C-MOVE association proposes, per SOP Class, one
@@ -318,13 +320,20 @@ def _single_value(identifier: Mapping[str, Any], tag: str) -> str | None:
     return value
 
 
-def _higher_unique_keys(identifier: Mapping[str, Any], level: Level, levels: tuple[Level, ...]) -> dict[Level, str]:
-    """PS3.4 C.4.1.2.1 / C.4.2.2.1: above the Q/R level, each level's unique key with one value."""
+def _higher_unique_keys(identifier: Mapping[str, Any], level: Level, levels: tuple[Level, ...], *,
+                        required: bool = True) -> dict[Level, str]:
+    """PS3.4 C.4.1.2.1 / C.4.2.2.1: above the Q/R level, each level's unique key with one value.
+
+    A retrieve (``required=False``) may leave them out: the retrieve level's UIDs identify the instances
+    on their own, and many SCUs send only those; a key that is present still needs a single value.
+    """
     keys: dict[Level, str] = {}
     for upper in levels[: levels.index(level)]:
         tag = UNIQUE_KEY[upper]
         value = _single_value(identifier, tag)
         if value is None:
+            if not required and not (identifier.get(tag) or {}).get("Value"):
+                continue
             raise _Refused(IDENTIFIER_DOES_NOT_MATCH,
                            f"unique key {tag} of the {upper.value} level needs a single value", tag)
         keys[upper] = value
@@ -476,7 +485,7 @@ class QueryRetrieve:
         levels = model_levels(str(event.request.AffectedSOPClassUID))
         identifier = _decode_identifier(event)
         level = _level_of(identifier, levels)
-        above = _higher_unique_keys(identifier, level, levels)
+        above = _higher_unique_keys(identifier, level, levels, required=False)
         own_tag = UNIQUE_KEY[level]
         own = [str(v).strip() for v in (identifier.get(own_tag) or {}).get("Value") or [] if str(v).strip()]
         if not own or any("*" in v or "?" in v for v in own):

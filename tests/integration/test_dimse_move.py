@@ -192,9 +192,24 @@ def test_cancel_stops_sub_operations(live_server_factory: Any, tmp_path: Path) -
 def test_bad_identifier_fails(live_server_factory: Any, tmp_path: Path) -> None:
     with storescp(tmp_path / "recv", "DEST") as dest:
         server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
-        output = movescu(server, ["QueryRetrieveLevel=SERIES", "SeriesInstanceUID=1.2.3"])  # no Study UID
+        output = movescu(server, ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.3"])  # no Series UID
+        assert _final(output).startswith("Failed"), output
+        output = movescu(server, ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.*",
+                                  "SeriesInstanceUID=1.2.3"])  # a wild card for a unique key
         assert _final(output).startswith("Failed"), output
         assert dest.files() == []
+
+
+def test_retrieve_without_the_higher_unique_keys(live_server_factory: Any, tmp_path: Path) -> None:
+    """Patient Root STUDY level with only the Study Instance UID, as many SCUs send it: served."""
+    ds = make_dataset()
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [ds]))
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"],
+                         model="-P")
+        assert _final(output) == "Success", output
+        assert [pydicom.dcmread(f).SOPInstanceUID for f in dest.wait_files(1)] == [ds.SOPInstanceUID]
 
 
 
