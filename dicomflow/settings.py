@@ -93,6 +93,27 @@ class HttpSettings(_Model):
     max_line_size: int = 16384
 
 
+class DimseTlsSettings(_Model):
+    """TLS for the DIMSE port (PS3.15 B.1 Basic TLS Secure Transport, B.9 BCP 195; TLS 1.2 minimum).
+
+    ``cert_file``/``key_file`` (PEM) identify this node, to peers that connect and to the remote nodes it
+    calls; ``ca_file`` lists the CAs trusted for peers' certificates. With ``require_client_cert`` a peer
+    without a certificate signed by one of them is refused during the handshake.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> DimseTlsSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("dimse.tls.require_client_cert needs dimse.tls.ca_file (CAs to check clients against)")
+        return self
+
+
 class DimseSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)
@@ -104,6 +125,8 @@ class DimseSettings(_Model):
     network_timeout: float = 60.0
     #: Maximum PDU size we receive (bytes)
     max_pdu: int = 262144
+    #: TLS on the DIMSE port (PS3.15 B.1 / B.9 secure transport); None: plain TCP
+    tls: DimseTlsSettings | None = None
 
 
 class ClaimPreset(StrEnum):
