@@ -24,6 +24,7 @@ class AuditAction(StrEnum):
     CONFIG = "config"
     AUTHENTICATE = "authenticate"
     AUDIT_READ = "audit-read"
+    COMMIT = "commit"  # storage commitment (PS3.4 Annex J): the SCP read its index for the requestor
 
 
 class Outcome(IntEnum):
@@ -47,6 +48,7 @@ EVENT_CODES: dict[AuditAction, tuple[str, str, str]] = {
     AuditAction.CONFIG: ("110113", "Security Alert", "E"),
     AuditAction.AUTHENTICATE: ("110114", "User Authentication", "E"),
     AuditAction.AUDIT_READ: ("110101", "Audit Log Used", "R"),
+    AuditAction.COMMIT: ("110103", "DICOM Instances Accessed", "R"),
 }
 
 
