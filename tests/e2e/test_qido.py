@@ -35,8 +35,14 @@ def datasets() -> list[Dataset]:
 
 
 @pytest.fixture
-def dicomweb(live_server: LiveServer) -> DICOMwebClient:
-    client = DICOMwebClient(live_server.dicomweb)
+def server(live_server_factory: Any) -> LiveServer:
+    live: LiveServer = live_server_factory(routing={"enabled": False})  # QIDO needs no routing worker
+    return live
+
+
+@pytest.fixture
+def dicomweb(server: LiveServer) -> DICOMwebClient:
+    client = DICOMwebClient(server.dicomweb)
     client.store_instances(datasets())
     return client
 
@@ -97,8 +103,8 @@ def test_limit_offset_and_get_remaining(dicomweb: DICOMwebClient) -> None:
     assert uid_list(paged, "00080018") == uid_list(all_of_them, "00080018")
 
 
-def test_other_tenants_data_never_appears(live_server: LiveServer, dicomweb: DICOMwebClient) -> None:
-    acme = DICOMwebClient(live_server.tenant_dicomweb("acme"))
+def test_other_tenants_data_never_appears(server: LiveServer, dicomweb: DICOMwebClient) -> None:
+    acme = DICOMwebClient(server.tenant_dicomweb("acme"))
     assert acme.search_for_studies() == []
     acme.store_instances([make_dataset(study_uid="1.2.826.0.2.9", patient_id="PID-1")])
     assert uid_list(acme.search_for_studies(search_filters={"PatientID": "PID-1"})) == ["1.2.826.0.2.9"]

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 
+from dicomflow.app import create_app
+from dicomflow.settings import Settings
+from tests.conftest import make_settings
 from tests.factory import make_instance, multipart
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # QIDO needs no routing; a worker cancelled mid-claim() at teardown has hung some runs (see report)
+    return make_settings(tmp_path, routing={"enabled": False})
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> Any:
+    """The in-process client without aiohttp's access log: QIDO URLs carry patient IDs and names, and
+    nothing at INFO may log them (dicomflow serve runs without an access log too)."""
+    server = TestServer(create_app(settings))
+    await server.start_server(access_log=None)  # TestServer(**kwargs) would drop it
+    return await aiohttp_client(server)
 
 STUDY = "1.2.826.0.3.1"
 SERIES = f"{STUDY}.1"
