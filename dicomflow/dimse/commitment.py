@@ -5,7 +5,9 @@ wants us to keep; we answer the N-ACTION at once and then report, from the index
 stored (success) and which are not (failure) in an N-EVENT-REPORT (Event Type ID 1: all committed,
 2: some failed; PS3.4 J.3.3). The report goes on the requesting association while it is open, else
 on a new association to the requesting AE, which must be one of the tenant's remote nodes; on that
-association we are the requestor and propose the SCP role (PS3.4 J.3.3, PS3.7 D.3.3.4).
+association we are the requestor and propose the SCP role (PS3.4 J.3.3, PS3.7 D.3.3.4). A remote node
+with ``tls: true`` is called over TLS (dimse/tls.py: its certificate verified against ``dimse.tls.ca_file``,
+ours presented). Each transaction is audited once (audit/dimse.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import N_ACTION
 from pynetdicom.events import Event
 
+from dicomflow.audit.dimse import DimseAudit
+from dicomflow.dimse import tls
 from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of, calling_ae_of
 from dicomflow.dimse.sop_classes import BASIC_TRANSFER_SYNTAXES
 from dicomflow.dimse.status import (
@@ -56,8 +60,8 @@ SAME_ASSOCIATION_WAIT = 5.0
 RELEASE_GRACE = 0.2
 
 
-def handlers(ctx: DimseContext) -> list[EventHandler]:
-    return [(evt.EVT_N_ACTION, partial(handle_n_action, ctx=ctx))]
+def handlers(ctx: DimseContext, audit: DimseAudit | None = None) -> list[EventHandler]:
+    return [(evt.EVT_N_ACTION, partial(handle_n_action, ctx=ctx, audit=audit))]
 
 
 def _next_message_id() -> int:
@@ -83,7 +87,8 @@ def _parse_request(info: Dataset) -> tuple[str, list[tuple[str, str]]]:
     return transaction, refs
 
 
-def handle_n_action(event: Event, ctx: DimseContext) -> tuple[Dataset | int, Dataset | None]:
+def handle_n_action(event: Event, ctx: DimseContext,
+                    audit: DimseAudit | None = None) -> tuple[Dataset | int, Dataset | None]:
     """EVT_N_ACTION: accept a storage commitment request and report on it from another thread."""
     assoc = event.assoc
     tenant = ctx.tenant_of(assoc)
@@ -104,7 +109,7 @@ def handle_n_action(event: Event, ctx: DimseContext) -> tuple[Dataset | int, Dat
                 assoc.name, transaction, len(refs))
     # The report must follow the N-ACTION response: pynetdicom's send_* pauses the reactor, which
     # happens only after this handler returned and the response went out.
-    threading.Thread(target=report, args=(ctx, assoc, tenant, transaction, refs),
+    threading.Thread(target=_report_and_audit, args=(ctx, assoc, tenant, transaction, refs, audit),
                      name=f"commitment-{assoc.name}", daemon=True).start()
     return status_dataset(SUCCESS), None
 
@@ -138,9 +143,22 @@ def event_information(transaction: str, refs: list[tuple[str, str]],
     return (EVENT_SOME_FAILED if failed else EVENT_ALL_SUCCEEDED), info
 
 
+def _report_and_audit(ctx: DimseContext, assoc: Association, tenant: str, transaction: str,
+                      refs: list[tuple[str, str]], audit: DimseAudit | None) -> None:
+    calling, called, host = calling_ae_of(assoc), called_ae_of(assoc), str(assoc.requestor.address)
+    failed: list[int] = []
+    delivered = report(ctx, assoc, tenant, transaction, refs, failed_out=failed)
+    if audit is not None:
+        n_failed = failed[0] if failed else len(refs)
+        audit.commitment(tenant, calling, called, host, transaction, len(refs) - n_failed, n_failed, delivered)
+
+
 def report(ctx: DimseContext, assoc: Association, tenant: str, transaction: str,
-           refs: list[tuple[str, str]]) -> bool:
-    """Look the instances up and send the N-EVENT-REPORT; True once the peer acknowledged it."""
+           refs: list[tuple[str, str]], failed_out: list[int] | None = None) -> bool:
+    """Look the instances up and send the N-EVENT-REPORT; True once the peer acknowledged it.
+
+    ``failed_out`` receives the number of instances reported as failed.
+    """
     try:
         stored: dict[str, str] | None = ctx.run(
             ctx.index.stored_sop_instances(tenant, [sop for _, sop in refs]))
@@ -149,6 +167,8 @@ def report(ctx: DimseContext, assoc: Association, tenant: str, transaction: str,
         stored = None
     event_type, info = event_information(transaction, refs, stored)
     failed = len(info.get("FailedSOPSequence", []))
+    if failed_out is not None:
+        failed_out.append(failed)
     # A modality that wants the report on a new association releases right after the N-ACTION response
     # (pynetdicom, for one, ignores an N-EVENT-REPORT that arrives while it releases): give it a moment.
     time.sleep(RELEASE_GRACE)
@@ -187,10 +207,7 @@ def report_on_new_association(ctx: DimseContext, tenant: str, calling_ae: str, c
                        "tenant=%s", transaction, calling_ae, tenant)
         return False
     node = nodes[0]
-    if node.tls:
-        logger.warning("storage commitment report for transaction=%s: TLS to %r is not supported yet",
-                       transaction, node.ae_title)
-        return False
+    tls_args = (tls.client_context(ctx.settings.dimse.tls), node.host) if node.tls else None
     ae = AE(ae_title=called_ae)
     ae.acse_timeout = ctx.settings.dimse.acse_timeout
     ae.dimse_timeout = ctx.settings.dimse.dimse_timeout
@@ -198,7 +215,7 @@ def report_on_new_association(ctx: DimseContext, tenant: str, calling_ae: str, c
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL, list(BASIC_TRANSFER_SYNTAXES))
     # PS3.4 J.3.3: on an association we open, we propose the SCP role (and not the SCU role).
     role = build_role(STORAGE_COMMITMENT_PUSH_MODEL, scu_role=False, scp_role=True)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=[role],
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=[role], tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
         logger.warning("storage commitment report for transaction=%s: association to %r failed",

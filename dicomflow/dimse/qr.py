@@ -32,8 +32,8 @@ C-MOVE / C-GET
     index that does not answer ends the request with pynetdicom's 0xC514 (C-MOVE) or 0xC413 (C-GET),
     both "Failed: Unable to process" (PS3.4 C.4.2.1.4, C.4.3.1.4), rather than 0xA900 / 0xA701. It also
     answers 0xA801 when the destination refuses the association, and calls the destination with the
-    SCP's own AE title (the same for every tenant). A destination with ``tls`` is verified against the
-    system's CA certificates.
+    SCP's own AE title (the same for every tenant). A destination with ``tls`` is verified against
+    ``dimse.tls.ca_file`` (the system's CA certificates without it), and our certificate is presented.
 
     C-GET and compressed instances: pynetdicom's acceptor takes, in each proposed context, the first
     syntax of *our* list that the requestor proposed, and the storage list starts with Explicit VR LE
@@ -42,6 +42,9 @@ C-MOVE / C-GET
     syntax in a context of its own receives the instance as stored.
 
 Tenancy: every request sees only the tenant that owns the called AE title.
+
+Audit (audit/dimse.py): each request is described here (level, keys, studies) and recorded with the
+final status pynetdicom sends: a Query record for C-FIND, DICOM Instances Transferred for C-MOVE/C-GET.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from pydicom.charset import convert_encodings, decode_bytes, encode_string
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
@@ -63,6 +67,9 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
+from dicomflow.audit.dimse import DimseAudit
+from dicomflow.audit.record import AuditAction
+from dicomflow.dimse import tls
 from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of, calling_ae_of
 from dicomflow.dimse.scu import (
     FALLBACK_SYNTAXES,
@@ -76,6 +83,7 @@ from dicomflow.dimse.scu import (
 from dicomflow.errors import DicomServiceError, InvalidQueryError, NotAcceptableError, OutOfResourcesError
 from dicomflow.index.base import InstanceRecord
 from dicomflow.index.query import (
+    PATIENT_ID,
     QUERY_RETRIEVE_LEVEL,
     RETRIEVE_AE_TITLE,
     SERIES_UID,
@@ -399,8 +407,9 @@ def to_response(match: dict[str, Any], level: Level, retrieve_ae: str | None,
 class QueryRetrieve:
     """The C-FIND / C-MOVE / C-GET handlers of one SCP."""
 
-    def __init__(self, ctx: DimseContext) -> None:
+    def __init__(self, ctx: DimseContext, audit: DimseAudit | None = None) -> None:
         self.ctx = ctx
+        self.audit = audit
 
     def _tenant(self, assoc: Association) -> str:
         return self.ctx.tenant_of(assoc)
@@ -430,6 +439,11 @@ class QueryRetrieve:
                 raise _Refused(IDENTIFIER_DOES_NOT_MATCH, exc.detail) from exc
             query = with_scope(query, above.get(Level.STUDY), above.get(Level.SERIES))
             query = replace(query, returns=query.returns | {SPECIFIC_CHARACTER_SET})
+            if self.audit is not None:
+                self.audit.request(
+                    assoc, int(event.request.MessageID or 0), tenant, AuditAction.QUERY,
+                    study_uids=_values(identifier, STUDY_UID), patient_ids=_values(identifier, PATIENT_ID),
+                    description=f"C-FIND level={level.value} keys={','.join(_matching_keywords(identifier))}")
         except _Refused as exc:
             logger.warning("C-FIND refused assoc=%s: 0x%04X %s", assoc.name, exc.status, exc.comment)
             yield exc.status_dataset(), None
@@ -563,6 +577,7 @@ class QueryRetrieve:
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown (PS3.4 C.4.2.1.5)
             return
         records = self._records_or_raise(event, tenant, "C-MOVE")
+        self._audit_retrieve(event, tenant, records, f"C-MOVE to {node.ae_title}")
         store_assoc: list[Association] = []
         contexts = _contexts_for(records)
 
@@ -573,7 +588,8 @@ class QueryRetrieve:
             route_stored_instances(e.assoc, move_originator_ae=originator)
             store_assoc.append(e.assoc)
 
-        kwargs = association_kwargs(node, contexts, self.ctx.settings.dimse,
+        ssl_context = tls.client_context(self.ctx.settings.dimse.tls) if node.tls else None
+        kwargs = association_kwargs(node, contexts, self.ctx.settings.dimse, ssl_context,
                                     extra_handlers=[(evt.EVT_ACCEPTED, accepted)])
         yield node.host, node.port, kwargs
         yield len(records)
@@ -591,6 +607,7 @@ class QueryRetrieve:
         assoc = event.assoc
         tenant = self._tenant(assoc)
         records = self._records_or_raise(event, tenant, "C-GET")
+        self._audit_retrieve(event, tenant, records, "C-GET")
         # the sub-operations run on this association: let its DUL thread poll faster while they do
         # (see scu.set_nodelay); restored when the C-GET ends
         restore = _fast_polling(assoc)
@@ -611,6 +628,17 @@ class QueryRetrieve:
                 yield CANCEL, None
                 return
             yield PENDING, self._prepare(assoc, rec)
+
+    def _audit_retrieve(self, event: Event, tenant: str, records: list[InstanceRecord], what: str) -> None:
+        if self.audit is None:
+            return
+        try:
+            patients = _values(_decode_identifier(event), PATIENT_ID)
+        except Exception:
+            patients = []
+        self.audit.request(event.assoc, int(event.request.MessageID or 0), tenant, AuditAction.RETRIEVE,
+                           study_uids=sorted({r.study_uid for r in records}), patient_ids=patients,
+                           description=f"{what}: {len(records)} instance(s)")
 
     def _records_or_raise(self, event: Event, tenant: str, service: str) -> list[InstanceRecord]:
         try:
@@ -676,7 +704,25 @@ def _contexts_for(records: list[InstanceRecord]) -> list[PresentationContext]:
         return [build_context(sop, list(FALLBACK_SYNTAXES)) for sop in classes]
 
 
-def handlers(ctx: DimseContext) -> list[EventHandler]:
+def _values(identifier: Mapping[str, Any], tag: str) -> list[str]:
+    """Single-valued non-wildcard values of an identifier attribute (for the audit record)."""
+    values = (identifier.get(tag) or {}).get("Value") or []
+    return [str(v).strip() for v in values if str(v).strip() and not any(c in str(v) for c in "*?")]
+
+
+def _matching_keywords(identifier: Mapping[str, Any]) -> list[str]:
+    """Keywords of the attributes with a value (matching keys; their values are not repeated here)."""
+    out = []
+    for tag, element in identifier.items():
+        if element.get("Value"):
+            try:
+                out.append(keyword_for_tag(int(tag, 16)) or tag)
+            except ValueError:
+                out.append(tag)
+    return out
+
+
+def handlers(ctx: DimseContext, audit: DimseAudit | None = None) -> list[EventHandler]:
     """``(event, handler)`` pairs for EVT_C_FIND / EVT_C_MOVE / EVT_C_GET, bound to ``ctx``."""
-    qr = QueryRetrieve(ctx)
+    qr = QueryRetrieve(ctx, audit)
     return [(evt.EVT_C_FIND, qr.on_find), (evt.EVT_C_MOVE, qr.on_move), (evt.EVT_C_GET, qr.on_get)]

@@ -6,12 +6,15 @@ Association policy (PS3.8 7.1.1, PS3.8 9.3.4 Table 9-21 A-ASSOCIATE-RJ):
   with "called AE title not recognized" (result 0x01, source 0x01, reason 0x07);
 - a tenant with ``require_known_calling_ae`` accepts only the calling AE titles (and hosts) it lists;
   others get "calling AE title not recognized" (0x01, 0x01, 0x03);
+- with ``dimse.tls`` the port speaks TLS only (PS3.15 B.1 / B.9, dimse/tls.py): the handshake completes on
+  the association's thread before the A-ASSOCIATE-RQ is read; a peer that fails it is disconnected;
 - accepted associations get C-ECHO (PS3.4 A), C-STORE (Annex B, dimse/store.py), Storage Commitment
   Push Model (Annex J, dimse/commitment.py) and Query/Retrieve (Annex C, dimse/qr.py).
 
 pynetdicom runs every association in a thread of its own; handlers hop onto the server's event loop
 through :class:`~dicomflow.dimse.bridge.DimseContext` (no second loop, no per-request database engine).
-Logs carry AE titles, the tenant and the association name, never patient data.
+Logs carry AE titles, the tenant and the association name, never patient data. Every store, query,
+retrieve, commitment and rejection is audited through :class:`~dicomflow.audit.dimse.DimseAudit`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pynetdicom.events import Event
 from pynetdicom.transport import AssociationServer, AssociationSocket
 
 from dicomflow.appkeys import BLOBS, INDEX, INGEST, OFFLOADER, SETTINGS
-from dicomflow.dimse import commitment, qr
+from dicomflow.audit.dimse import DimseAudit
+from dicomflow.audit.http import AUDIT
+from dicomflow.dimse import commitment, qr, tls
 from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of, calling_ae_of
 from dicomflow.dimse.reactor import make_event_driven
 from dicomflow.dimse.sop_classes import add_scp_contexts
@@ -120,9 +125,10 @@ class _PduGuard:
 class DimseServer:
     """The SCP for every tenant: one listening socket, any number of called AE titles."""
 
-    def __init__(self, ctx: DimseContext) -> None:
+    def __init__(self, ctx: DimseContext, audit: DimseAudit | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings.dimse
+        self.audit = audit or DimseAudit(None, ctx.loop, ctx.settings.default_tenant, ctx.tenant_for_called_ae)
         self._ae: AE | None = None
         self._server: AssociationServer | None = None
         self._assoc_ids = itertools.count(1)
@@ -135,18 +141,20 @@ class DimseServer:
         return int(self._server.server_address[1])
 
     def handlers(self) -> list[EventHandler]:
-        ctx = self.ctx
+        ctx, audit = self.ctx, self.audit
         bound: list[EventHandler] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ABORTED, _discard_partial_dataset),
             (evt.EVT_CONN_CLOSE, _discard_partial_dataset),
-            (evt.EVT_C_STORE, partial(handle_store, ctx=ctx)),
+            (evt.EVT_CONN_CLOSE, lambda event: audit.association_closed(event.assoc)),
+            (evt.EVT_DIMSE_SENT, audit.on_sent),
+            (evt.EVT_C_STORE, partial(handle_store, ctx=ctx, audit=audit)),
         ]
-        bound.extend(commitment.handlers(ctx))
+        bound.extend(commitment.handlers(ctx, audit))
         # Query/Retrieve (C-FIND / C-MOVE / C-GET) handlers live in dimse/qr.py; the presentation contexts
         # they need are added by sop_classes.add_scp_contexts().
-        bound.extend(qr.handlers(ctx))
+        bound.extend(qr.handlers(ctx, audit))
         return bound
 
     def start(self) -> None:
@@ -172,9 +180,11 @@ class DimseServer:
         ae.require_called_aet = False
         add_scp_contexts(ae)
         self._ae = ae
+        ssl_context = tls.server_context(self.settings.tls) if self.settings.tls is not None else None
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
-                                       evt_handlers=list[Any](self.handlers()))
-        logger.info("DIMSE listening on %s:%d for AE titles %s", self.settings.host, self.port,
+                                       ssl_context=ssl_context, evt_handlers=list[Any](self.handlers()))
+        logger.info("DIMSE listening on %s:%d (%s) for AE titles %s", self.settings.host, self.port,
+                    "TLS" if ssl_context is not None else "plain TCP",
                     ", ".join(ae for t in self.ctx.settings.tenants.values() for ae in t.ae_titles))
 
     def stop(self) -> None:
@@ -197,6 +207,14 @@ class DimseServer:
         # Accepted sockets do not inherit the listening socket's timeout: without one, a peer that stops
         # in the middle of a PDU would hold this association's threads forever (PS3.8 9.1.5 ARTIM).
         sock.socket.settimeout(self.settings.network_timeout)
+        if assoc.is_acceptor and self.settings.tls is not None:
+            failed = tls.handshake(sock.socket, self.settings.acse_timeout)
+            if failed is not None:
+                host = str(assoc.requestor.address)
+                logger.warning("TLS handshake failed assoc=%s from %s: %s", assoc.name, host, failed)
+                self.audit.tls_failed(host, failed)
+                sock.close()  # Evt17: the DUL ends the association without reading anything
+                return
         if assoc.is_acceptor:
             sock.recv = _PduGuard(sock, self.settings.max_pdu, assoc.name)  # type: ignore[method-assign]
             make_event_driven(assoc)
@@ -210,12 +228,14 @@ class DimseServer:
             logger.warning("rejecting association assoc=%s from %r: called AE %r not recognised",
                            assoc.name, calling, called)
             _reject(assoc, REJECT_CALLED_AE)
+            self.audit.rejected(assoc, None, "called AE title not recognised")
             return
         host = str(assoc.requestor.address)
         if not calling_ae_allowed(self.ctx.settings.tenants[tenant], calling, host):
             logger.warning("rejecting association assoc=%s tenant=%s: calling AE %r not allowed",
                            assoc.name, tenant, calling)
             _reject(assoc, REJECT_CALLING_AE)
+            self.audit.rejected(assoc, tenant, "calling AE title not allowed")
             return
         logger.info("association assoc=%s tenant=%s calling=%r called=%r", assoc.name, tenant, calling, called)
 
@@ -254,10 +274,12 @@ async def dimse_server(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     ctx = DimseContext(loop=loop, settings=settings, index=app[INDEX], blobs=app[BLOBS], ingest=app[INGEST],
                        offloader=app[OFFLOADER])
-    server = DimseServer(ctx)
+    audit = DimseAudit(app.get(AUDIT), loop, settings.default_tenant, ctx.tenant_for_called_ae)
+    server = DimseServer(ctx, audit)
     await loop.run_in_executor(None, server.start)
     app[DIMSE_SERVER] = server
     try:
         yield
     finally:
         await loop.run_in_executor(None, server.stop)
+        await audit.drain()

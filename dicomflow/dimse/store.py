@@ -25,6 +25,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
+from dicomflow.audit.dimse import DimseAudit
 from dicomflow.dimse.bridge import DimseContext, calling_ae_of
 from dicomflow.dimse.status import (
     SUCCESS,
@@ -125,8 +126,11 @@ def _fill_spool(event: Event, spool: Spool) -> None:
         spool.write_sync(event.encoded_dataset(include_meta=True))
 
 
-def handle_store(event: Event, ctx: DimseContext) -> Dataset:
-    """EVT_C_STORE: store one instance for the association's tenant and answer with its status."""
+def handle_store(event: Event, ctx: DimseContext, audit: DimseAudit | None = None) -> Dataset:
+    """EVT_C_STORE: store one instance for the association's tenant and answer with its status.
+
+    ``audit`` only counts the instance in the association's summary (no I/O here, see audit/dimse.py).
+    """
     assoc = event.assoc
     tenant = ctx.tenant_of(assoc)
     req = cast(C_STORE, event.request)
@@ -145,13 +149,19 @@ def handle_store(event: Event, ctx: DimseContext) -> Dataset:
     except DicomServiceError as exc:
         exc.sop_instance_uid = exc.sop_instance_uid or affected_instance
         log_error(exc, "C-STORE", tenant, assoc.name)
+        if audit is not None:
+            audit.stored(assoc, tenant, None, ok=False)
         return error_status(exc)
     except Exception as exc:  # a bug of ours: processing failure, logged with the traceback
         logger.error("C-STORE failed tenant=%s assoc=%s sop=%s", tenant, assoc.name, affected_instance,
                      exc_info=exc)
+        if audit is not None:
+            audit.stored(assoc, tenant, None, ok=False)
         return status_dataset(0x0110, "processing failure")
     finally:
         spool.discard()
+    if audit is not None:
+        audit.stored(assoc, tenant, outcome.key.study_instance_uid, ok=True)
     if outcome.warning is not None:
         # PS3.4 B.2.3 warnings (0xB000 coercion, 0xB006 elements discarded): stored, with a note.
         return status_dataset(outcome.warning, outcome.warning_detail)
