@@ -62,7 +62,8 @@ def make_dataset(
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.PatientName = patient_name
     ds.PatientID = patient_id
-    PHI_SEEN.update((patient_id, *[c for c in patient_name.replace("=", "^").split("^") if len(c) >= 4]))
+    # only values long enough to mean something: an empty or 1-character ID would match every log line
+    PHI_SEEN.update(c for c in (patient_id, *patient_name.replace("=", "^").split("^")) if len(c) >= 4)
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyDate = study_date
