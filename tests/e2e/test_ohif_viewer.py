@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,21 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import pytest
+import pytest_asyncio
 from dicomweb_client.api import DICOMwebClient
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, _run_server, free_port, make_settings
 from tests.factory import MR_IMAGE, US_MULTIFRAME, make_dataset
 from tests.harness import ohif
 from tests.harness.browser import Browser, Page, Request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 OHIF_FRAMES_ACCEPT = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 @dataclass
@@ -106,6 +109,19 @@ def _make_studies() -> list[StoredStudy]:
     ds.compress(RLELossless, generate_instance_uid=False)
     us.datasets.append(ds)
     studies.append(us)
+    # DOC: an Encapsulated PDF; OHIF follows the BulkDataURI of Encapsulated Document (0042,0011)
+    doc = StoredStudy(generate_uid(), "Ohif, Delta", "DOC", {}, 0, "application/pdf")
+    page = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(page).rectangle((40, 40, 260, 160), fill="navy")
+    buf = io.BytesIO()
+    page.save(buf, "PDF")
+    ds = make_dataset(study_uid=doc.uid, sop_class=ENCAPSULATED_PDF, modality="DOC", pixels=False,
+                      patient_name="Ohif^Delta", patient_id="OHIF-4", accession="OHIF-ACC-4", study_date="20240410",
+                      MIMETypeOfEncapsulatedDocument="application/pdf", BurnedInAnnotation="NO",
+                      DocumentTitle="Report")
+    ds.EncapsulatedDocument = buf.getvalue() + b"\0" * (len(buf.getvalue()) % 2)
+    doc.datasets.append(ds)
+    studies.append(doc)
     for study in studies:
         for ds in study.datasets:
             study.series.setdefault(str(ds.SeriesInstanceUID), []).append(str(ds.SOPInstanceUID))
@@ -119,16 +135,44 @@ class Setup:
     ohif_port: int
 
 
-@pytest.fixture
-def stored(live_server_factory: Any) -> Setup:
-    """dicomflow on one origin (allowing OHIF's origin only), holding the studies stored with STOW-RS."""
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """dicomflow on one origin (allowing OHIF's origin only), holding the studies stored with STOW-RS.
+
+    Shared by the module's tests (they only read), like the OHIF site and the browser below.
+    """
     ohif_port = free_port()
-    server: LiveServer = live_server_factory(http={"cors_origins": [f"http://127.0.0.1:{ohif_port}"]})
-    studies = _make_studies()
-    client = DICOMwebClient(server.dicomweb)
-    for study in studies:
-        client.store_instances(study.datasets)
-    return Setup(server, studies, ohif_port)
+    settings = make_settings(tmp_path_factory.mktemp("dicomflow"),
+                             http={"cors_origins": [f"http://127.0.0.1:{ohif_port}"]})
+    port, ready, stop = free_port(), threading.Event(), threading.Event()
+    thread = threading.Thread(target=_run_server, args=(settings, port, ready, stop), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30), "dicomflow did not start"
+        server = LiveServer(settings, port)
+        studies = _make_studies()
+        client = DICOMwebClient(server.dicomweb)
+        for study in studies:
+            client.store_instances(study.datasets)
+        yield Setup(server, studies, ohif_port)
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def site(stored: Setup, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, Browser]]:
+    """OHIF served on its own origin, and one headless Chromium for the module."""
+    dist = await asyncio.to_thread(ohif.install)
+    root = stored.server.dicomweb
+    config = ohif.app_config([
+        ohif.data_source(root),  # thumbnails: /thumbnail, fetched
+        ohif.data_source(root, name="rendered", thumbnailRendering="rendered",
+                         thumbnailRequestStrategy="bulkDataRetrieve"),  # thumbnails: /rendered
+    ])
+    async with ohif.OhifServer(dist, config, stored.ohif_port) as ohif_site, \
+            Browser.launch(tmp_path_factory.mktemp("chromium") / "profile") as browser:
+        yield ohif_site.url, browser
 
 
 @dataclass
@@ -142,7 +186,7 @@ class Viewer:
         return [r for r in self.page.requests.values() if r.url.startswith(self.dicomweb)]
 
     async def settle(self) -> None:
-        await self.page.wait_network_idle(quiet=1.0, within=30,
+        await self.page.wait_network_idle(quiet=0.8, within=30,
                                           only=lambda r: r.url.startswith(self.dicomweb))
 
     async def save(self, name: str, clip: dict[str, float] | None = None) -> bytes:
@@ -151,23 +195,17 @@ class Viewer:
         return png
 
 
-@pytest.fixture
-async def viewer(stored: Setup, tmp_path: Path) -> AsyncIterator[Viewer]:
-    dist = await asyncio.to_thread(ohif.install)
-    root = stored.server.dicomweb
-    config = ohif.app_config([
-        ohif.data_source(root),  # thumbnails: /thumbnail, fetched
-        ohif.data_source(root, name="rendered", thumbnailRendering="rendered",
-                         thumbnailRequestStrategy="bulkDataRetrieve"),  # thumbnails: /rendered
-    ])
-    async with ohif.OhifServer(dist, config, stored.ohif_port) as site, \
-            Browser.launch(tmp_path / "chromium-profile") as browser:
-        page = await browser.new_page()
-        # a returning user: the first-visit guided tour would cover the viewport
-        await page.add_init_script("try { localStorage.setItem('shownTours', '[\"basicViewerTour\"]') } catch (e) {}")
-        yield Viewer(page, site.url, root, tmp_path)
-        if page.exceptions:
-            print("page exceptions:", *page.exceptions[:10], sep="\n  ")
+@pytest_asyncio.fixture(loop_scope="module")
+async def viewer(stored: Setup, site: tuple[str, Browser], tmp_path: Path) -> AsyncIterator[Viewer]:
+    """A fresh tab (its own network log); screenshots go to this test's tmp_path."""
+    url, browser = site
+    page = await browser.new_page()
+    # a returning user: the first-visit guided tour would cover the viewport
+    await page.add_init_script("try { localStorage.setItem('shownTours', '[\"basicViewerTour\"]') } catch (e) {}")
+    yield Viewer(page, url, stored.server.dicomweb, tmp_path)
+    if page.exceptions:
+        print("page exceptions:", *page.exceptions[:10], sep="\n  ")
+    await page.close()
 
 
 def _assert_all_ok(requests: list[Request]) -> None:
@@ -227,7 +265,7 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
     text = await page.evaluate("document.body.innerText")
     for study in stored.studies:
         assert study.modality in text
-    assert "1-3 of 3" in text.replace("\u2013", "-")
+    assert "1-4 of 4" in text.replace("\u2013", "-")
 
     # the patient-name filter: OHIF sends PatientName=*value* with fuzzymatching=true
     await page.evaluate(
@@ -239,7 +277,8 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
         " input.focus(); return true })()")
     await page.send("Input.insertText", {"text": "jérô"})
     await page.wait_for("document.body.innerText.includes('Jérôme') && !document.body.innerText.includes('Alpha')"
-                        " && !document.body.innerText.includes('Gamma')", 20, "the list filtered to one patient")
+                        " && !document.body.innerText.includes('Gamma') && !document.body.innerText.includes('Delta')",
+                        20, "the list filtered to one patient")
     await viewer.settle()
     await viewer.save("study-list-filtered")
 
@@ -307,3 +346,25 @@ async def test_rendered_thumbnails_data_source(stored: Setup, viewer: Viewer) ->
         "(() => { const i = Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:'));"
         " return [i.naturalWidth, i.naturalHeight] })()")
     assert size == [64, 48]
+
+
+async def test_viewer_follows_bulkdata_uri_of_an_encapsulated_pdf(stored: Setup, viewer: Viewer) -> None:
+    """OHIF's PDF viewport fetches Encapsulated Document through the BulkDataURI in the series metadata."""
+    study = next(s for s in stored.studies if s.modality == "DOC")
+    await viewer.page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={study.uid}")
+    # headless Chromium has no PDF plugin: read back the document OHIF handed to its <object>
+    size = await viewer.page.wait_for(
+        "(async () => { const o = document.querySelector('object[type=\"application/pdf\"]');"
+        " if (!o || !o.data) return null; const b = new Uint8Array(await (await fetch(o.data)).arrayBuffer());"
+        " return [b.length, String.fromCharCode(...b.slice(0, 5))] })()", 30, "the PDF in OHIF's viewport")
+    await viewer.settle()
+    await viewer.save("viewer-DOC-page")
+    requests = viewer.dicomweb_requests()
+    _assert_all_ok(requests)
+    (ds,) = study.datasets
+    assert size == [len(ds.EncapsulatedDocument), "%PDF-"]
+    (series,) = study.series
+    (sop,) = study.series[series]
+    bulk = [r for r in requests if urlsplit(r.url).path.endswith(
+        f"/studies/{study.uid}/series/{series}/instances/{sop}/bulkdata/00420011")]
+    assert bulk and all(r.status == 200 for r in bulk), [str(r) for r in requests]

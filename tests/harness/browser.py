@@ -74,8 +74,9 @@ class Request:
 class Page:
     """A tab: its CDP session, console messages, uncaught exceptions and network log."""
 
-    def __init__(self, browser: Browser, session_id: str) -> None:
+    def __init__(self, browser: Browser, target_id: str, session_id: str) -> None:
         self.browser = browser
+        self.target_id = target_id
         self.session_id = session_id
         self.requests: dict[tuple[str, str], Request] = {}
         self.console: list[str] = []
@@ -83,6 +84,9 @@ class Page:
 
     async def send(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self.browser.send(method, params, self.session_id)
+
+    async def close(self) -> None:
+        await self.browser.send("Target.closeTarget", {"targetId": self.target_id})
 
     async def add_init_script(self, source: str) -> None:
         """JavaScript run in every new document of this page before its own scripts."""
@@ -301,7 +305,7 @@ class Browser:
     async def new_page(self) -> Page:
         target = await self.send("Target.createTarget", {"url": "about:blank"})
         attached = await self.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
-        page = Page(self, attached["sessionId"])
+        page = Page(self, target["targetId"], attached["sessionId"])
         self._pages[page.session_id] = (page, "page")
         width, height = self.viewport
         for method, params in (
