@@ -296,3 +296,29 @@ async def test_c_find_round_trip_through_pydicom_datasets(index: SqlIndexStore) 
     decoded.decode()
     assert decoded.PatientName.ideographic == "山田^太郎"
     assert decoded.ModalitiesInStudy == "OT" and decoded.StudyInstanceUID == JAPANESE_STUDY
+
+
+@pytest.mark.parametrize(("level", "params", "scope", "index_name"), [
+    (Level.STUDY, [("PatientID", "PID-1")], {}, "ix_studies_patient_id"),
+    (Level.STUDY, [("AccessionNumber", "ACC-1")], {}, "ix_studies_accession"),
+    (Level.STUDY, [("StudyDate", "20240101-20240131")], {}, "ix_studies_study_date"),
+    (Level.STUDY, [("StudyInstanceUID", STUDY_A)], {}, "sqlite_autoindex_studies_1"),
+    (Level.STUDY, [("ModalitiesInStudy", "MR")], {}, "ix_series_modality"),
+    (Level.STUDY, [], {}, "ix_studies_study_date"),
+    (Level.SERIES, [], {"study_uid": STUDY_A}, "ix_series_study"),
+    (Level.IMAGE, [], {"study_uid": STUDY_A, "series_uid": f"{STUDY_A}.1"}, "ix_instances_series"),
+    (Level.IMAGE, [("SOPInstanceUID", f"{STUDY_A}.1.1")], {}, "sqlite_autoindex_instances_1"),
+    (Level.IMAGE, [("ProtocolName", "CHEST")], {}, "ix_extra_lookup"),
+])
+async def test_common_searches_use_an_index(tmp_path: Path, level: Level, params: list[tuple[str, str]],
+                                            scope: dict[str, str], index_name: str) -> None:
+    store = await SqlIndexStore.open(f"sqlite:///{tmp_path / 'plan.sqlite'}")
+    try:
+        statement, _ = SqlSearch(store.engine).statement("default", q(level, *params, **scope))
+        sql = str(statement.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True}))
+        async with store.engine.connect() as conn:
+            plan = " | ".join(str(r[-1]) for r in (await conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)).all())
+    finally:
+        await store.close()
+    assert index_name in plan
+    assert "SCAN studies" not in plan and "SCAN instances" not in plan and "SCAN series" not in plan
