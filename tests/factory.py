@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,11 +173,18 @@ def make_ophthalmic(**kwargs: Any) -> Dataset:
                         ImageLaterality="R", **kwargs)
 
 
+def _quiet_highdicom() -> None:
+    # highdicom logs what it copies ("copy Patient-related attributes ...") at INFO: test-side noise that
+    # the no-PHI-in-logs check (tests/conftest.py) would match against names like "Secret^Patient"
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
 def make_sr(**kwargs: Any) -> Dataset:
     """A Comprehensive SR document made with highdicom (nested content sequences, code items)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    _quiet_highdicom()
     evidence = make_dataset(study_uid=kwargs.pop("study_uid", None))
     item = hd.sr.TextContentItem(name=codes.DCM.Finding, value="No abnormality",
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
@@ -194,6 +202,7 @@ def make_seg(source: Dataset | None = None, **kwargs: Any) -> Dataset:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    _quiet_highdicom()
     src = source or make_dataset(ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, 0],
                                  PixelSpacing=[1, 1], SliceThickness=1, FrameOfReferenceUID=generate_uid())
     mask = np.zeros((1, src.Rows, src.Columns), dtype=bool)
