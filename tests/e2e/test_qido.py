@@ -17,6 +17,7 @@ pytestmark = pytest.mark.e2e
 
 STUDY_A, STUDY_B = "1.2.826.0.2.1", "1.2.826.0.2.2"
 JAPANESE_STUDY = "1.3.6.1.4.1.5962.1.2.0.1175775771.5702.0"
+UTF8_STUDY = "1.2.826.0.2.3"
 
 
 def datasets() -> list[Dataset]:
@@ -31,6 +32,8 @@ def datasets() -> list[Dataset]:
                             sop_class=MR_IMAGE,
                             study_date="20230601", accession="ACC-2"))
     out.append(pydicom.dcmread(get_charset_files("chrH31.dcm")[0]))  # ISO 2022 IR 87
+    out.append(make_dataset(study_uid=UTF8_STUDY, charset="ISO_IR 192", patient_name="Wang^XiaoDong=王^小東",
+                            patient_id="PID-3", study_date="20100101"))
     return out
 
 
@@ -53,7 +56,7 @@ def uid_list(results: list[dict[str, Any]], tag: str = "0020000D") -> list[str]:
 
 def test_search_for_studies_with_filters(dicomweb: DICOMwebClient) -> None:
     everything = dicomweb.search_for_studies()
-    assert uid_list(everything) == [STUDY_A, STUDY_B, JAPANESE_STUDY]  # newest first
+    assert uid_list(everything) == [STUDY_A, STUDY_B, UTF8_STUDY, JAPANESE_STUDY]  # newest first, undated last
     a = Dataset.from_json(dicomweb.search_for_studies(search_filters={"PatientID": "PID-1"})[0])
     assert a.StudyInstanceUID == STUDY_A
     assert a.ModalitiesInStudy == ["CT", "MR"]
@@ -64,13 +67,16 @@ def test_search_for_studies_with_filters(dicomweb: DICOMwebClient) -> None:
     assert dicomweb.search_for_studies(search_filters={"PatientID": "nobody"}) == []  # 204 -> []
 
 
-def test_names_in_three_character_sets_and_fuzzy_matching(dicomweb: DICOMwebClient) -> None:
+def test_names_in_four_character_sets_and_fuzzy_matching(dicomweb: DICOMwebClient) -> None:
     latin1 = dicomweb.search_for_studies(search_filters={"PatientName": "müller*"})
     assert Dataset.from_json(latin1[0]).PatientName == "Müller^Hans"
     japanese = dicomweb.search_for_studies(search_filters={"PatientName": "山田^太郎"})
     name = Dataset.from_json(japanese[0]).PatientName
     assert (name.alphabetic, name.ideographic, name.phonetic) == ("Yamada^Tarou", "山田^太郎", "やまだ^たろう")
     assert uid_list(dicomweb.search_for_studies(search_filters={"PatientName": "やまだ*"})) == [JAPANESE_STUDY]
+    utf8 = dicomweb.search_for_studies(search_filters={"PatientName": "王^小東"})
+    assert Dataset.from_json(utf8[0]).PatientName.ideographic == "王^小東"
+    assert uid_list(utf8) == [UTF8_STUDY]
     fuzzy = dicomweb.search_for_studies(fuzzymatching=True, search_filters={"PatientName": "john d"})
     assert uid_list(fuzzy) == [STUDY_A]
     assert dicomweb.search_for_studies(fuzzymatching=False, search_filters={"PatientName": "john d"}) == []
