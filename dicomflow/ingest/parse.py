@@ -114,8 +114,10 @@ def dataset_to_json(ds: Dataset, threshold: int, path: str = "") -> tuple[dict[s
     return out, dropped
 
 
-#: Samples per Pixel, Photometric Interpretation, Rows, Columns, Bits Allocated (PS3.3 C.7.6.3)
-_IMAGE_PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280010, 0x00280011, 0x00280100)
+#: Samples per Pixel, Photometric Interpretation, Bits Allocated (PS3.3 C.7.6.3). Not Rows/Columns:
+#: MR Spectroscopy (PS3.3 C.8.14.4) has those without Pixel Data. Samples per Pixel precedes Rows in
+#: the file, so a file cut after Rows still shows the module.
+_IMAGE_PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280100)
 _TRUNCATED = "truncated DICOM file: a value runs past the end of the data (PS3.5 7.1)"
 _LONG_EXPLICIT_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 

@@ -257,6 +257,18 @@ def test_files_cut_inside_pixel_data_or_header_are_refused(tmp_path: Path, kind:
         assert "00280010" not in parsed.metadata, (kind, cut)
 
 
+def test_rows_and_columns_without_image_pixel_module_need_no_pixel_data(tmp_path: Path) -> None:
+    """MR Spectroscopy carries Rows/Columns and Spectroscopy Data, no Pixel Data (PS3.3 C.8.14.4)."""
+    ds = make_dataset(sop_class="1.2.840.10008.5.1.4.1.1.4.2", modality="MR", pixels=False)
+    ds.Rows, ds.Columns = 1, 1
+    ds.add_new(0x56000020, "OF", b"\0" * 64)  # Spectroscopy Data
+    parsed = parse_part10(_write(tmp_path, to_bytes(ds)), 1024)
+    assert parsed.pixel_data_offset is None and parsed.metadata["00280010"] == {"vr": "US", "Value": [1]}
+    ds.SamplesPerPixel = 1  # with the Image Pixel module, Pixel Data must follow
+    with pytest.raises(DatasetMismatchError, match="without Pixel Data"):
+        parse_part10(_write(tmp_path, to_bytes(ds)), 1024)
+
+
 def test_pydicoms_truncated_samples_are_refused() -> None:
     for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
         with pytest.raises(UnreadableInstanceError, match="truncated"):
