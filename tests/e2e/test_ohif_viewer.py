@@ -185,6 +185,10 @@ class Viewer:
     def dicomweb_requests(self) -> list[Request]:
         return [r for r in self.page.requests.values() if r.url.startswith(self.dicomweb)]
 
+    def fail_on_errors(self) -> None:
+        """Fail at once (not after a timeout) when a DICOMweb request already came back in error."""
+        _assert_all_ok([r for r in self.dicomweb_requests() if r.done], allow_empty=True)
+
     async def settle(self) -> None:
         await self.page.wait_network_idle(quiet=0.8, within=30,
                                           only=lambda r: r.url.startswith(self.dicomweb))
@@ -208,9 +212,9 @@ async def viewer(stored: Setup, site: tuple[str, Browser], tmp_path: Path) -> As
     await page.close()
 
 
-def _assert_all_ok(requests: list[Request]) -> None:
+def _assert_all_ok(requests: list[Request], allow_empty: bool = False) -> None:
     """Every DICOMweb request OHIF made was answered 2xx and readable cross-origin (no CORS error)."""
-    assert requests
+    assert requests or allow_empty
     bad = [str(r) for r in requests if r.failed is not None or r.status is None or not 200 <= r.status < 300]
     assert not bad, "DICOMweb requests that failed:\n" + "\n".join(bad)
 
@@ -235,9 +239,10 @@ async def _viewport_image(viewer: Viewer, name: str) -> tuple[bytes, float]:
         "(() => { const c = document.querySelector('canvas.cornerstone-canvas');"
         " if (!c) return null; const r = c.getBoundingClientRect();"
         " return r.width > 100 && r.height > 100 ? {x: r.x, y: r.y, width: r.width, height: r.height} : null })()",
-        30, "the viewport canvas")
+        30, "the viewport canvas", viewer.fail_on_errors)
     std = 0.0
     for _ in range(60):
+        viewer.fail_on_errors()
         png = await viewer.save(name, rect)
         std, levels = _image_stats(png)
         if std > 15 and levels > 16:
@@ -250,7 +255,7 @@ async def _thumbnails_loaded(viewer: Viewer, count: int) -> int:
     loaded: int = await viewer.page.wait_for(
         f"(() => {{ const n = Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('blob:')"
         f" && i.complete && i.naturalWidth > 0).length; return n >= {count} ? n : 0 }})()",
-        30, f"{count} series thumbnail(s)")
+        30, f"{count} series thumbnail(s)", viewer.fail_on_errors)
     return loaded
 
 
@@ -259,7 +264,7 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
     await page.goto(viewer.url + "/")
     names = [s.shown_name for s in stored.studies]
     await page.wait_for(f"{names!r}.every(n => document.body.innerText.includes(n))", 30,
-                        f"patient names {names} in the study list")
+                        f"patient names {names} in the study list", viewer.fail_on_errors)
     await viewer.settle()
     await viewer.save("study-list")
     text = await page.evaluate("document.body.innerText")
@@ -278,7 +283,7 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
     await page.send("Input.insertText", {"text": "jérô"})
     await page.wait_for("document.body.innerText.includes('Jérôme') && !document.body.innerText.includes('Alpha')"
                         " && !document.body.innerText.includes('Gamma') && !document.body.innerText.includes('Delta')",
-                        20, "the list filtered to one patient")
+                        20, "the list filtered to one patient", viewer.fail_on_errors)
     await viewer.settle()
     await viewer.save("study-list-filtered")
 
@@ -356,7 +361,8 @@ async def test_viewer_follows_bulkdata_uri_of_an_encapsulated_pdf(stored: Setup,
     size = await viewer.page.wait_for(
         "(async () => { const o = document.querySelector('object[type=\"application/pdf\"]');"
         " if (!o || !o.data) return null; const b = new Uint8Array(await (await fetch(o.data)).arrayBuffer());"
-        " return [b.length, String.fromCharCode(...b.slice(0, 5))] })()", 30, "the PDF in OHIF's viewport")
+        " return [b.length, String.fromCharCode(...b.slice(0, 5))] })()", 30, "the PDF in OHIF's viewport",
+        viewer.fail_on_errors)
     await viewer.settle()
     await viewer.save("viewer-DOC-page")
     requests = viewer.dicomweb_requests()

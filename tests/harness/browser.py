@@ -104,11 +104,17 @@ class Page:
             raise RuntimeError(f"{expression[:80]!r} threw: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, within: float, what: str | None = None) -> Any:
-        """Poll a JavaScript expression until it is truthy (for at most ``within`` s); returns its value."""
+    async def wait_for(self, expression: str, within: float, what: str | None = None,
+                       check: Callable[[], None] | None = None) -> Any:
+        """Poll a JavaScript expression until it is truthy (for at most ``within`` s); returns its value.
+
+        ``check`` runs before each poll and may raise to fail early (e.g. a request already failed).
+        """
         deadline = time.monotonic() + within
         error: RuntimeError | None = None
         while True:
+            if check is not None:
+                check()
             try:  # a page still loading (or navigating) may throw: poll on
                 value = await self.evaluate(expression)
             except RuntimeError as exc:
@@ -282,7 +288,10 @@ class Browser:
                 self._attach_child(self._pages[session_id][0], params)
             elif session_id in self._pages:
                 page, target = self._pages[session_id]
-                page.on_event(method, params, session_id, target)
+                try:
+                    page.on_event(method, params, session_id, target)
+                except Exception as exc:  # keep reading: a lost reader would hang every later command
+                    page.exceptions.append(f"harness could not handle {method}: {exc!r}")
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError("browser connection closed"))
