@@ -133,6 +133,8 @@ _COLLECTOR = _InfoLogCollector()
 def pytest_configure(config: pytest.Config) -> None:
     root = logging.getLogger()
     root.addHandler(_COLLECTOR)
+    # as in production (dicomflow.__main__): access logs carry query strings, i.e. patient names and IDs
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
 

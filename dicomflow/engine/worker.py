@@ -142,6 +142,11 @@ class RoutingEngine:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # a cancellation that arrived during a database call can surface wrapped in a driver
+                    # error: stopping wins over restarting
+                    raise asyncio.CancelledError() from None
                 logger.exception("routing loop failed; restarting in 1 s")
                 await asyncio.sleep(1.0)
 
