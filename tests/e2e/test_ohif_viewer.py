@@ -33,7 +33,9 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from tests.conftest import LiveServer, _run_server, free_port, make_settings
 from tests.factory import MR_IMAGE, US_MULTIFRAME, make_dataset
 from tests.harness import ohif
-from tests.harness.browser import Browser, Page, Request
+from tests.harness.browser import Browser, Request
+from tests.harness.ohif import ViewerTab as Viewer
+from tests.harness.ohif import assert_all_ok
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -175,48 +177,16 @@ async def site(stored: Setup, tmp_path_factory: pytest.TempPathFactory) -> Async
         yield ohif_site.url, browser
 
 
-@dataclass
-class Viewer:
-    page: Page
-    url: str  # OHIF's origin
-    dicomweb: str
-    shots: Path
-
-    def dicomweb_requests(self) -> list[Request]:
-        return [r for r in self.page.requests.values() if r.url.startswith(self.dicomweb)]
-
-    def fail_on_errors(self) -> None:
-        """Fail at once (not after a timeout) when a DICOMweb request already came back in error."""
-        _assert_all_ok([r for r in self.dicomweb_requests() if r.done], allow_empty=True)
-
-    async def settle(self) -> None:
-        await self.page.wait_network_idle(quiet=0.8, within=30,
-                                          only=lambda r: r.url.startswith(self.dicomweb))
-
-    async def save(self, name: str, clip: dict[str, float] | None = None) -> bytes:
-        png = await self.page.screenshot(clip)
-        (self.shots / f"{name}.png").write_bytes(png)
-        return png
-
-
 @pytest_asyncio.fixture(loop_scope="module")
 async def viewer(stored: Setup, site: tuple[str, Browser], tmp_path: Path) -> AsyncIterator[Viewer]:
     """A fresh tab (its own network log); screenshots go to this test's tmp_path."""
     url, browser = site
     page = await browser.new_page()
-    # a returning user: the first-visit guided tour would cover the viewport
-    await page.add_init_script("try { localStorage.setItem('shownTours', '[\"basicViewerTour\"]') } catch (e) {}")
+    await page.add_init_script(ohif.SKIP_TOURS_JS)
     yield Viewer(page, url, stored.server.dicomweb, tmp_path)
     if page.exceptions:
         print("page exceptions:", *page.exceptions[:10], sep="\n  ")
     await page.close()
-
-
-def _assert_all_ok(requests: list[Request], allow_empty: bool = False) -> None:
-    """Every DICOMweb request OHIF made was answered 2xx and readable cross-origin (no CORS error)."""
-    assert requests or allow_empty
-    bad = [str(r) for r in requests if r.failed is not None or r.status is None or not 200 <= r.status < 300]
-    assert not bad, "DICOMweb requests that failed:\n" + "\n".join(bad)
 
 
 def _query(request: Request) -> dict[str, str]:
@@ -225,38 +195,6 @@ def _query(request: Request) -> dict[str, str]:
 
 def _path(request: Request, root: str) -> str:
     return urlsplit(request.url).path.removeprefix(urlsplit(root).path)
-
-
-def _image_stats(png: bytes) -> tuple[float, int]:
-    """Standard deviation and number of distinct grey levels of a screenshot."""
-    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
-    return float(grey.std()), len(np.unique(grey))
-
-
-async def _viewport_image(viewer: Viewer, name: str) -> tuple[bytes, float]:
-    """Screenshot of the cornerstone viewport once it shows an image (not blank), within 30 s."""
-    rect = await viewer.page.wait_for(
-        "(() => { const c = document.querySelector('canvas.cornerstone-canvas');"
-        " if (!c) return null; const r = c.getBoundingClientRect();"
-        " return r.width > 100 && r.height > 100 ? {x: r.x, y: r.y, width: r.width, height: r.height} : null })()",
-        30, "the viewport canvas", viewer.fail_on_errors)
-    std = 0.0
-    for _ in range(60):
-        viewer.fail_on_errors()
-        png = await viewer.save(name, rect)
-        std, levels = _image_stats(png)
-        if std > 15 and levels > 16:
-            return png, std
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"viewport stayed blank (std {std:.1f}); see {viewer.shots / name}.png")
-
-
-async def _thumbnails_loaded(viewer: Viewer, count: int) -> int:
-    loaded: int = await viewer.page.wait_for(
-        f"(() => {{ const n = Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('blob:')"
-        f" && i.complete && i.naturalWidth > 0).length; return n >= {count} ? n : 0 }})()",
-        30, f"{count} series thumbnail(s)", viewer.fail_on_errors)
-    return loaded
 
 
 async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup, viewer: Viewer) -> None:
@@ -288,7 +226,7 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
     await viewer.save("study-list-filtered")
 
     requests = viewer.dicomweb_requests()
-    _assert_all_ok(requests)
+    assert_all_ok(requests)
     searches = [_query(r) for r in requests if _path(r, viewer.dicomweb) == "/studies"]
     assert any(q.get("limit") == "101" and q.get("offset") == "0" and q.get("fuzzymatching") == "true"
                and re.fullmatch(r"[0-9A-F]{8}(,[0-9A-F]{8})+", q.get("includefield", "")) for q in searches), searches
@@ -301,12 +239,12 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
 async def test_viewer_loads_thumbnails_and_renders_the_study(stored: Setup, viewer: Viewer, which: str) -> None:
     study = next(s for s in stored.studies if s.modality == which)
     await viewer.page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={study.uid}")
-    await _thumbnails_loaded(viewer, len(study.series))
-    _png, std = await _viewport_image(viewer, f"viewer-{which}")
+    await viewer.thumbnails_loaded(len(study.series))
+    _png, std = await viewer.viewport_image(f"viewer-{which}")
     await viewer.settle()
     await viewer.save(f"viewer-{which}-page")
     requests = viewer.dicomweb_requests()
-    _assert_all_ok(requests)
+    assert_all_ok(requests)
     paths = [(_path(r, viewer.dicomweb), r) for r in requests]
 
     # QIDO: the study by UID (limit=101, includefield of tag numbers), its series, the patient's other
@@ -338,11 +276,11 @@ async def test_rendered_thumbnails_data_source(stored: Setup, viewer: Viewer) ->
     """OHIF's ``thumbnailRendering: rendered`` asks /rendered?accept=image/jpeg per series (its own route)."""
     study = next(s for s in stored.studies if s.modality == "US")
     await viewer.page.goto(f"{viewer.url}/viewer/rendered?StudyInstanceUIDs={study.uid}")
-    await _thumbnails_loaded(viewer, len(study.series))
-    await _viewport_image(viewer, "viewer-rendered-US")
+    await viewer.thumbnails_loaded(len(study.series))
+    await viewer.viewport_image("viewer-rendered-US")
     await viewer.settle()
     requests = viewer.dicomweb_requests()
-    _assert_all_ok(requests)
+    assert_all_ok(requests)
     rendered = [r for r in requests if urlsplit(r.url).path.endswith("/rendered")]
     assert rendered, [str(r) for r in requests]
     assert all(_query(r).get("accept") == "image/jpeg" for r in rendered)
@@ -366,7 +304,7 @@ async def test_viewer_follows_bulkdata_uri_of_an_encapsulated_pdf(stored: Setup,
     await viewer.settle()
     await viewer.save("viewer-DOC-page")
     requests = viewer.dicomweb_requests()
-    _assert_all_ok(requests)
+    assert_all_ok(requests)
     (ds,) = study.datasets
     assert size == [len(ds.EncapsulatedDocument), "%PDF-"]
     (series,) = study.series

@@ -8,22 +8,32 @@ at a dicomflow ``/dicomweb`` root on another origin, so every DICOMweb call is c
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import web
+from PIL import Image
+
+from tests.harness.browser import Page, Request
 
 VERSION = "3.13.2"
 CACHE = Path(os.environ.get("DICOMFLOW_TEST_CACHE", Path.home() / ".cache" / "dicomflow-tests"))
 
 #: The app's own data source module (OHIF extension-default), as in the configs OHIF ships in dist/.
 DICOMWEB_SOURCE = "@ohif/extension-default.dataSourcesModule.dicomweb"
+
+#: Run before OHIF's scripts: a returning user, so the first-visit guided tour does not cover the viewport.
+SKIP_TOURS_JS = "try { localStorage.setItem('shownTours', '[\"basicViewerTour\"]') } catch (e) {}"
 
 _TYPES = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript"}
 
@@ -131,3 +141,67 @@ class OhifServer:
     async def __aexit__(self, *exc: object) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def assert_all_ok(requests: list[Request], allow_empty: bool = False) -> None:
+    """Every DICOMweb request OHIF made was answered 2xx and readable cross-origin (no CORS error)."""
+    assert requests or allow_empty, "OHIF made no DICOMweb request"
+    bad = [str(r) for r in requests if r.failed is not None or r.status is None or not 200 <= r.status < 300]
+    assert not bad, "DICOMweb requests that failed:\n" + "\n".join(bad)
+
+
+def image_stats(png: bytes) -> tuple[float, int]:
+    """Standard deviation and number of distinct grey levels of a screenshot."""
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)
+    return float(grey.std()), len(np.unique(grey))
+
+
+@dataclass
+class ViewerTab:
+    """A browser tab on OHIF: its network log filtered to one DICOMweb root, screenshots to ``shots``."""
+
+    page: Page
+    url: str  # OHIF's origin
+    dicomweb: str
+    shots: Path
+
+    def dicomweb_requests(self) -> list[Request]:
+        return [r for r in self.page.requests.values() if r.url.startswith(self.dicomweb)]
+
+    def fail_on_errors(self) -> None:
+        """Fail at once (not after a timeout) when a DICOMweb request already came back in error."""
+        assert_all_ok([r for r in self.dicomweb_requests() if r.done], allow_empty=True)
+
+    async def settle(self) -> None:
+        """Until no DICOMweb request has been in flight for a moment."""
+        await self.page.wait_network_idle(quiet=0.8, within=30, only=lambda r: r.url.startswith(self.dicomweb))
+
+    async def save(self, name: str, clip: dict[str, float] | None = None) -> bytes:
+        png = await self.page.screenshot(clip)
+        (self.shots / f"{name}.png").write_bytes(png)
+        return png
+
+    async def viewport_image(self, name: str) -> tuple[bytes, float]:
+        """Screenshot of the cornerstone viewport once it shows an image (not blank), within ~30 s."""
+        rect = await self.page.wait_for(
+            "(() => { const c = document.querySelector('canvas.cornerstone-canvas');"
+            " if (!c) return null; const r = c.getBoundingClientRect();"
+            " return r.width > 100 && r.height > 100 ? {x: r.x, y: r.y, width: r.width, height: r.height} : null"
+            " })()", 30, "the viewport canvas", self.fail_on_errors)
+        std = 0.0
+        for _ in range(60):
+            self.fail_on_errors()
+            png = await self.save(name, rect)
+            std, levels = image_stats(png)
+            if std > 15 and levels > 16:
+                return png, std
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"viewport stayed blank (std {std:.1f}); see {self.shots / name}.png")
+
+    async def thumbnails_loaded(self, count: int) -> int:
+        """Until ``count`` series thumbnails (images OHIF made from fetched data) have loaded."""
+        loaded: int = await self.page.wait_for(
+            "(() => { const n = Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('blob:')"
+            f" && i.complete && i.naturalWidth > 0).length; return n >= {count} ? n : 0 }})()",
+            30, f"{count} series thumbnail(s)", self.fail_on_errors)
+        return loaded
