@@ -61,6 +61,7 @@ from tests.harness.seaweed import SeaweedS3
 
 PER_REQUEST = 10
 ORTHANC = "orthanc (PostgreSQL index)"
+FILE_BLOBS = "dicomflow x1, blobs in a local folder"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="index sizes for the index-only phase; default 100000,1000000, short 100000")
     p.add_argument("--budget", type=float, help="seconds per phase before it stops; default 900, short 240")
     p.add_argument("--no-orthanc", action="store_true")
+    p.add_argument("--file-blobs", action="store_true",
+                   help="also 1 dicomflow process on PostgreSQL with blobs in a local folder (as Orthanc keeps them)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     short = args.short
@@ -498,6 +501,8 @@ def _latencies(results: dict[str, LatencyResult]) -> dict[str, Any]:
 
 async def ingest_and_qido(args: argparse.Namespace, backends: Backends, report: Report) -> None:
     systems: list[tuple[str, Any]] = [(f"dicomflow x{n}", n) for n in args.servers]
+    if args.file_blobs:
+        systems.append((FILE_BLOBS, "file"))
     if not args.no_orthanc:
         systems.append((ORTHANC, "orthanc"))
     for name, what in systems:
@@ -509,7 +514,8 @@ async def ingest_and_qido(args: argparse.Namespace, backends: Backends, report: 
                 started, _ = await asyncio.to_thread(start_orthanc, backends)
                 orthanc, targets = started, [started]
             else:
-                flow = await Dicomflow.start(backends, what)
+                storage = f"file://{backends.base / uuid.uuid4().hex}" if what == "file" else None
+                flow = await Dicomflow.start(backends, 1 if what == "file" else what, storage=storage)
                 targets = flow.targets()
             plans_all: list[data.StudyPlan] = []
             deadline = time.monotonic() + args.budget
