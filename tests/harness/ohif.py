@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 from aiohttp import web
 from PIL import Image
@@ -105,15 +106,30 @@ def app_config(sources: list[dict[str, Any]]) -> str:
     return f"window.config = {json.dumps(config, indent=2)};\n"
 
 
-class OhifServer:
-    """Serves the OHIF dist folder on 127.0.0.1:``port`` (``async with``); ``url`` is its origin."""
+#: RFC 9110 7.6.1 connection-specific fields a proxy does not forward
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+               "host"}
 
-    def __init__(self, dist: Path, config_js: str, port: int) -> None:
+
+class OhifServer:
+    """Serves the OHIF dist folder on 127.0.0.1:``port`` (``async with``); ``url`` is its origin.
+
+    With ``proxy`` ({path prefix: backend origin}) it is also the reverse proxy of a same-origin
+    deployment (as nginx in front of OHIF and the archive): requests under a prefix are streamed to the
+    backend with ``Forwarded`` (RFC 7239, ``forwarded="rfc7239"``) or ``X-Forwarded-Host``/``-Proto``
+    (``forwarded="x-forwarded"``) naming this origin, and without the client's Host.
+    """
+
+    def __init__(self, dist: Path, config_js: str, port: int, proxy: dict[str, str] | None = None,
+                 forwarded: str = "rfc7239") -> None:
         self.dist = dist.resolve()
         self.config_js = config_js
         self.port = port
+        self.proxy = proxy or {}
+        self.forwarded = forwarded
         self.requests: list[str] = []
         self._runner: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
 
     @property
     def url(self) -> str:
@@ -121,6 +137,11 @@ class OhifServer:
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
+        for prefix, backend in self.proxy.items():
+            if request.path == prefix or request.path.startswith(prefix + "/"):
+                return await self._forward(request, backend)
+        if request.method != "GET":
+            raise web.HTTPMethodNotAllowed(request.method, ["GET"])
         if request.path == "/app-config.js":
             return web.Response(text=self.config_js, content_type="text/javascript")
         path = (self.dist / request.path.lstrip("/")).resolve()
@@ -130,9 +151,29 @@ class OhifServer:
         # single-page app: every route (/, /viewer?..., /segmentation...) is index.html
         return web.FileResponse(self.dist / "index.html", headers={"Cache-Control": "no-store"})
 
+    async def _forward(self, request: web.Request, backend: str) -> web.StreamResponse:
+        assert self._client is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if self.forwarded == "rfc7239":
+            headers["Forwarded"] = f'for=127.0.0.1;proto=http;host="{request.host}"'
+        else:
+            headers["X-Forwarded-Host"] = request.host
+            headers["X-Forwarded-Proto"] = "http"
+        async with self._client.request(request.method, backend + request.path_qs, headers=headers,
+                                        data=request.content if request.can_read_body else None,
+                                        allow_redirects=False) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(1 << 16):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
     async def __aenter__(self) -> OhifServer:
         app = web.Application()
-        app.router.add_get("/{tail:.*}", self._serve)
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        self._client = aiohttp.ClientSession(auto_decompress=False)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -141,6 +182,8 @@ class OhifServer:
     async def __aexit__(self, *exc: object) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._client is not None:
+            await self._client.close()
 
 
 def assert_all_ok(requests: list[Request], allow_empty: bool = False) -> None:
