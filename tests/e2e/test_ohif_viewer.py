@@ -232,7 +232,7 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
                and re.fullmatch(r"[0-9A-F]{8}(,[0-9A-F]{8})+", q.get("includefield", "")) for q in searches), searches
     assert any(q.get("PatientName") == "*jérô*" for q in searches), searches
     for r in requests:  # the server's CORS answer named OHIF's origin
-        assert r.response_headers.get("Access-Control-Allow-Origin") == viewer.url
+        assert r.response_header("Access-Control-Allow-Origin") == viewer.url
 
 
 @pytest.mark.parametrize("which", ["CT", "MR", "US"])
@@ -265,7 +265,7 @@ async def test_viewer_loads_thumbnails_and_renders_the_study(stored: Setup, view
               for sop in sops for n in range(1, study.frames + 1)}
     assert wanted <= {p for p, _r in frames}, sorted(wanted - {p for p, _r in frames})
     for _p, r in frames:  # stored syntax passed through (transfer-syntax=*), decoded by OHIF in the browser
-        ctype = r.response_headers.get("Content-Type") or r.response_headers.get("content-type", "")
+        ctype = r.response_header("Content-Type") or ""
         assert ctype.startswith("multipart/related") and study.media_type in ctype, ctype
     thumbnails = [r for p, r in paths if p.endswith("/thumbnail")]
     assert thumbnails and all(r.mime_type == "image/jpeg" for r in thumbnails)

@@ -64,7 +64,11 @@ class Request:
         return self.finished or self.failed is not None
 
     def header(self, name: str) -> str | None:
+        """A request header (case-insensitive)."""
         return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+    def response_header(self, name: str) -> str | None:
+        return next((v for k, v in self.response_headers.items() if k.lower() == name.lower()), None)
 
     def __str__(self) -> str:
         outcome = self.status if self.failed is None else f"{self.failed} cors={self.cors_error}"
