@@ -85,10 +85,10 @@ class HttpSettings(_Model):
     port: int = Field(default=8080, ge=0, le=65535)
     #: Origins allowed to call DICOMweb from a browser (OHIF and other viewers). "*" allows any.
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
-    #: Largest request line / header field accepted (bytes); beyond it: 431 / 400.
     #: The base URL clients use (e.g. https://dicom.example.org behind a proxy). Without it, URLs in
     #: responses (RetrieveURL, BulkDataURI) come from Forwarded / X-Forwarded-* and Host headers.
     public_url: str | None = None
+    #: Largest request line / header field accepted (bytes); beyond it: 431 / 400.
     max_field_size: int = 16384
     max_line_size: int = 16384
 
