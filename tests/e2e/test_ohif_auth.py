@@ -97,6 +97,7 @@ async def test_viewer_sends_the_bearer_token_on_every_request(acme: dict[str, An
     assert preflights
     assert all(r.status == 204 and r.header("Access-Control-Request-Headers") == "authorization"
                and r.header("Authorization") is None for r in preflights), [str(r) for r in preflights]
+    tab.assert_no_errors()
 
 
 async def test_token_of_another_tenant_sees_nothing(acme: dict[str, Any], provider: OidcProvider,

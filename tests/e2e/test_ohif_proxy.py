@@ -93,3 +93,4 @@ async def test_same_origin_deployment_behind_a_proxy(backend: dict[str, Any], tm
     assert bulk and bulk[0].url.startswith(public_root)
     assert any("/frames/" in r.url for r in requests)
     assert "/dicomweb" in {p[:9] for p in site.requests}
+    tab.assert_no_errors()

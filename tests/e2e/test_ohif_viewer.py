@@ -233,6 +233,7 @@ async def test_study_list_shows_stored_studies_and_filters_by_name(stored: Setup
     assert any(q.get("PatientName") == "*jérô*" for q in searches), searches
     for r in requests:  # the server's CORS answer named OHIF's origin
         assert r.response_header("Access-Control-Allow-Origin") == viewer.url
+    viewer.assert_no_errors()
 
 
 @pytest.mark.parametrize("which", ["CT", "MR", "US"])
@@ -270,6 +271,7 @@ async def test_viewer_loads_thumbnails_and_renders_the_study(stored: Setup, view
     thumbnails = [r for p, r in paths if p.endswith("/thumbnail")]
     assert thumbnails and all(r.mime_type == "image/jpeg" for r in thumbnails)
     assert std > 15
+    viewer.assert_no_errors()
 
 
 async def test_rendered_thumbnails_data_source(stored: Setup, viewer: Viewer) -> None:
@@ -289,6 +291,7 @@ async def test_rendered_thumbnails_data_source(stored: Setup, viewer: Viewer) ->
         "(() => { const i = Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:'));"
         " return [i.naturalWidth, i.naturalHeight] })()")
     assert size == [64, 48]
+    viewer.assert_no_errors()
 
 
 async def test_viewer_follows_bulkdata_uri_of_an_encapsulated_pdf(stored: Setup, viewer: Viewer) -> None:
@@ -312,3 +315,4 @@ async def test_viewer_follows_bulkdata_uri_of_an_encapsulated_pdf(stored: Setup,
     bulk = [r for r in requests if urlsplit(r.url).path.endswith(
         f"/studies/{study.uid}/series/{series}/instances/{sop}/bulkdata/00420011")]
     assert bulk and all(r.status == 200 for r in bulk), [str(r) for r in requests]
+    viewer.assert_no_errors()

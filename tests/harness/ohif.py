@@ -215,6 +215,11 @@ class ViewerTab:
         """Fail at once (not after a timeout) when a DICOMweb request already came back in error."""
         assert_all_ok([r for r in self.dicomweb_requests() if r.done], allow_empty=True)
 
+    def assert_no_errors(self) -> None:
+        """OHIF itself reported nothing wrong: no uncaught exception, no console error."""
+        errors = [c for c in self.page.console if c.startswith(("error", "assert"))]
+        assert not self.page.exceptions and not errors, [*self.page.exceptions, *errors][:10]
+
     async def settle(self) -> None:
         """Until no DICOMweb request has been in flight for a moment."""
         await self.page.wait_network_idle(quiet=0.8, within=30, only=lambda r: r.url.startswith(self.dicomweb))
