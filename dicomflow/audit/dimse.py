@@ -38,6 +38,7 @@ from pynetdicom.events import Event
 from dicomflow.audit.record import AuditAction, AuditRecord, Outcome, outcome_for_dimse
 from dicomflow.audit.trail import AuditTrail
 from dicomflow.dimse.bridge import called_ae_of, calling_ae_of
+from dicomflow.dimse.tls import peer_subject
 from dicomflow.index import schema as t
 
 _PENDING_STATUSES = (0xFF00, 0xFF01)  # PS3.4 C.4.1.1.4 / C.4.2.1.5 pending
@@ -49,6 +50,7 @@ class _StoreSummary:
     calling_ae: str
     called_ae: str
     source_ip: str | None
+    subject: str | None
     #: study UID (or "" when unknown) -> [stored, failed]
     studies: dict[str, list[int]] = field(default_factory=dict)
 
@@ -56,6 +58,12 @@ class _StoreSummary:
 def _peer(assoc: Association) -> tuple[str, str, str | None]:
     address = assoc.requestor.address if assoc.is_acceptor else assoc.acceptor.address
     return calling_ae_of(assoc), called_ae_of(assoc), str(address) if address else None
+
+
+def _subject(assoc: Association) -> str | None:
+    """The peer's verified TLS client certificate (common name): who, beyond an AE title anyone can claim."""
+    sock = assoc.dul.socket
+    return peer_subject(sock.socket) if sock is not None and sock.socket is not None else None
 
 
 class DimseAudit:
@@ -87,7 +95,7 @@ class DimseAudit:
             summary = self._stores.get(key)
             if summary is None:
                 calling, called, ip = _peer(assoc)
-                summary = self._stores[key] = _StoreSummary(tenant, calling, called, ip)
+                summary = self._stores[key] = _StoreSummary(tenant, calling, called, ip, _subject(assoc))
             counts = summary.studies.setdefault(study_uid or "", [0, 0])
             counts[0 if ok else 1] += 1
 
@@ -104,7 +112,7 @@ class DimseAudit:
             self._emit(AuditRecord(
                 tenant=summary.tenant, action=AuditAction.STORE, outcome=outcome, protocol="dimse",
                 calling_ae=summary.calling_ae, called_ae=summary.called_ae, source_ip=summary.source_ip,
-                study_uids=(study,) if study else (),
+                subject=summary.subject, study_uids=(study,) if study else (),
                 description=f"C-STORE assoc={assoc.name}: {ok} instance(s) stored, {failed} failed"))
 
     def request(self, assoc: Association, message_id: int, tenant: str, action: AuditAction, *,
@@ -114,7 +122,7 @@ class DimseAudit:
             return
         calling, called, ip = _peer(assoc)
         rec = AuditRecord(tenant=tenant, action=action, outcome=Outcome.SUCCESS, protocol="dimse",
-                          calling_ae=calling, called_ae=called, source_ip=ip,
+                          calling_ae=calling, called_ae=called, source_ip=ip, subject=_subject(assoc),
                           study_uids=tuple(dict.fromkeys(study_uids)),
                           patient_ids=tuple(dict.fromkeys(p for p in patient_ids if p)),
                           description=description)
@@ -153,7 +161,8 @@ class DimseAudit:
         calling, called, ip = _peer(assoc)
         self._emit(AuditRecord(tenant=tenant or self._default_tenant, action=AuditAction.AUTHENTICATE,
                                outcome=Outcome.MINOR_FAILURE, protocol="dimse", calling_ae=calling,
-                               called_ae=called, source_ip=ip, description=f"association rejected: {reason}"))
+                               called_ae=called, source_ip=ip, subject=_subject(assoc),
+                               description=f"association rejected: {reason}"))
 
     def tls_failed(self, address: str | None, reason: str) -> None:
         """A peer that failed the TLS handshake (110113 Security Alert)."""

@@ -89,6 +89,10 @@ def test_tls_store_with_a_trusted_client_certificate(live_server_factory: Any, t
     result = _storescu(server, *_client_tls(pki.client, pki), files=[path])
     assert result.returncode == 0, result.stderr
     assert _stored_sops(server) == {sop}
+    # the audit record names the verified certificate, not only the AE title the peer claimed
+    stores = [e for e in _audit(server, action="store") if e.get("subtype", [{}])[0].get("code") == "dimse"]
+    assert stores and stores[0]["agent"][0]["who"]["identifier"]["value"] == "modality-1"
+    assert stores[0]["agent"][0]["altId"] == "MODALITY"
     # and the server certificate was checked by dcmtk against our CA: a client trusting another CA refuses it
     other = dcmtk("echoscu", "+tls", str(pki.client.key), str(pki.client.cert), "+cf", str(pki.rogue_ca.pem),
                   "-aec", "DICOMFLOW", "127.0.0.1", str(dimse_port(server)), timeout=30)
