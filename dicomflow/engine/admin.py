@@ -116,6 +116,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
     row = await _row(request, engine, delivery_id)
     changed = await engine.store.retry([delivery_id], tenant=row.tenant)
     if not changed:
+        row = await _row(request, engine, delivery_id)  # its status now, for the message
         raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only dead, dropped or done ones "
                                   "can be retried")
     logger.info("delivery %d replayed by an operator", delivery_id)
@@ -129,6 +130,7 @@ async def drop_delivery(request: web.Request) -> web.Response:
     row = await _row(request, engine, delivery_id)
     changed = await engine.store.drop([delivery_id], tenant=row.tenant)
     if not changed:
+        row = await _row(request, engine, delivery_id)  # its status now, for the message
         raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only dead, pending or waiting "
                                   "ones can be dropped")
     logger.info("delivery %d dropped by an operator", delivery_id)

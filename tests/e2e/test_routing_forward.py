@@ -27,7 +27,7 @@ SALT = "research-2026"
 
 def study(n: int = 3) -> list[pydicom.Dataset]:
     return [make_dataset(study_uid=STUDY, series_uid=f"{STUDY}.1", sop_uid=f"{STUDY}.1.{i}", instance_number=i,
-                         patient_name="Secret^Patient", patient_id="MRN-777", InstitutionName="ACME North",
+                         patient_name="Zecret^Hiddenname", patient_id="MRN-777", InstitutionName="ACME North",
                          OtherPatientIDs="OLD-MRN") for i in range(1, n + 1)]
 
 
@@ -39,7 +39,7 @@ async def stow(client: Any, datasets: list[pydicom.Dataset]) -> None:
 
 def assert_deidentified(ds: pydicom.Dataset, original: pydicom.Dataset) -> None:
     text = str(ds)
-    for phi in ("Secret", "MRN-777", "OLD-MRN", "ACME North", "19700101"):
+    for phi in ("Zecret", "Hiddenname", "MRN-777", "OLD-MRN", "ACME North", "19700101"):
         assert phi not in text
     assert ds.PatientIdentityRemoved == "YES"
     assert ds.StudyInstanceUID == derived_uid(SALT, STUDY)
@@ -91,7 +91,7 @@ async def test_stow_forward_refused_by_the_receiver_is_a_dead_letter(aiohttp_cli
     original = study(1)[0]
     # the receiver already holds this SOP Instance UID with other bytes and rejects duplicates (409, 0x0111)
     clash = original.copy()
-    clash.PatientName = "Someone^Else"
+    clash.PatientName = "Otherzz^Personzz"
     await asyncio.to_thread(DICOMwebClient(receiver.dicomweb).store_instances, [clash])
     settings = routing_settings(tmp_path / "sender", {"copy.yaml": """name: plain-copy
 events: [instance.stored]

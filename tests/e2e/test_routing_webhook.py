@@ -40,7 +40,7 @@ async def test_matching_instances_reach_the_webhook_signed(aiohttp_client: Any, 
     settings = routing_settings(tmp_path, {"ct.yaml": ROUTE_CT}, {
         "hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET}})
     client = await aiohttp_client(create_app(settings))
-    ct = make_instance(modality="CT", patient_name="Secret^Patient")
+    ct = make_instance(modality="CT", patient_name="Zecret^Hiddenname")
     mr = make_instance(modality="MR")
     await stow(client, [ct, mr])
 
@@ -55,7 +55,7 @@ async def test_matching_instances_reach_the_webhook_signed(aiohttp_client: Any, 
     event = got["body"]["event"]
     assert got["body"]["route"] == "ct-to-hook"
     assert event["tenant"] == "default" and event["source"]["protocol"] == "dicomweb"
-    assert "Secret" not in str(got["body"])  # UIDs only, never patient data
+    assert "Zecret" not in str(got["body"])  # UIDs only, never patient data
 
 
 async def test_webhook_4xx_forever_is_a_dead_letter_then_replayed(aiohttp_client: Any, aiohttp_server: Any,
@@ -139,6 +139,7 @@ async def test_admin_api_shows_a_tenant_only_its_own_deliveries(aiohttp_client: 
     await stow(client, [make_instance()], root="/tenants/acme/dicomweb")
     await wait_for(lambda: _async(len(receiver.received) == 1), what="acme delivery")
     assert receiver.received[0]["body"]["event"]["tenant"] == "acme"
+    await wait_for(lambda: client.app[ENGINE].store.list_deliveries(status="done"), what="acme delivery done")
     acme = await (await client.get("/tenants/acme/admin/deliveries")).json()
     assert [d["tenant"] for d in acme] == ["acme"]
     assert await (await client.get("/admin/deliveries")).json() == []

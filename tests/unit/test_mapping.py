@@ -143,7 +143,7 @@ def test_prune_removes_empty_elements() -> None:
 
 
 def test_deidentification_basic_profile_is_deterministic_and_records_the_method() -> None:
-    ds = make_dataset(patient_name="Secret^Patient", patient_id="MRN-12345", InstitutionName="ACME North",
+    ds = make_dataset(patient_name="Zecret^Hiddenname", patient_id="MRN-12345", InstitutionName="ACME North",
                       DeviceSerialNumber="SN-9", OtherPatientIDs="OLD-1")
     ds.add_new(0x00091010, "LO", "private stuff")
     original = to_bytes(ds)
@@ -151,7 +151,7 @@ def test_deidentification_basic_profile_is_deterministic_and_records_the_method(
     again = deidentify_part10(io.BytesIO(original), [DeidOption.RETAIN_DEVICE_IDENTITY], salt="project-x")
     assert first == again  # a retried delivery sends the very same instance
     out = pydicom.dcmread(io.BytesIO(first))
-    assert "Secret" not in str(out.get("PatientName", "")) and "MRN-12345" not in str(out.get("PatientID", ""))
+    assert "Zecret" not in str(out.get("PatientName", "")) and "MRN-12345" not in str(out.get("PatientID", ""))
     assert "OtherPatientIDs" not in out and (0x0009, 0x1010) not in out  # X: removed; private tags removed
     assert out.PatientBirthDate != "19700101" and out.StudyDate != "20240115"
     assert out.StudyInstanceUID == derived_uid("project-x", str(ds.StudyInstanceUID))
