@@ -33,7 +33,7 @@ C-MOVE / C-GET
     both "Failed: Unable to process" (PS3.4 C.4.2.1.4, C.4.3.1.4), rather than 0xA900 / 0xA701. It also
     answers 0xA801 when the destination refuses the association, and calls the destination with the
     SCP's own AE title (the same for every tenant). A destination with ``tls`` is verified against
-    ``dimse.tls.ca_file`` (the system's CA certificates without it), and our certificate is presented.
+    ``dimse.tls.ca_file`` and the system's CA certificates, and our certificate is presented.
 
     C-GET and compressed instances: pynetdicom's acceptor takes, in each proposed context, the first
     syntax of *our* list that the requestor proposed, and the storage list starts with Explicit VR LE

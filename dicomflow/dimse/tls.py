@@ -9,8 +9,8 @@ DUL reads the A-ASSOCIATE-RQ. A peer that fails it (plain TCP, an untrusted or m
 certificate when one is required) is disconnected; nothing else happens.
 
 Client side (storage commitment reports on a new association, C-MOVE sub-operations and forwards to
-remote nodes with ``tls: true``): the server certificate is verified against ``ca_file`` (or the system
-CAs) and the host name, and our certificate is presented for peers that require one.
+remote nodes with ``tls: true``): the server certificate is verified against ``ca_file`` and the system
+CAs, and against the node's host name; our certificate is presented for peers that require one.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ class _DeferredHandshakeContext(ssl.SSLContext):
 
 
 def server_context(tls: DimseTlsSettings) -> ssl.SSLContext:
-    """The context for the DIMSE listening port (raises ``OSError``/``ssl.SSLError`` for unusable files)."""
+    """The context for the DIMSE listening port (``ValueError`` naming the setting for unusable files)."""
     ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION  # BCP 195 3.3 (CRIME)
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    _load(ctx, tls)
     if tls.ca_file is not None:
-        ctx.load_verify_locations(cafile=tls.ca_file)
         # without require_client_cert a client may present none, but one it presents must verify
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     else:
@@ -52,11 +51,25 @@ def server_context(tls: DimseTlsSettings) -> ssl.SSLContext:
 @functools.lru_cache(maxsize=8)
 def client_context(tls: DimseTlsSettings | None) -> ssl.SSLContext:
     """The context for associations we open to remote nodes marked ``tls``."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file if tls else None)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = _VERSIONS[tls.min_version] if tls else ssl.TLSVersion.TLSv1_2
     if tls is not None:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        _load(ctx, tls)
     return ctx
+
+
+def _load(ctx: ssl.SSLContext, tls: DimseTlsSettings) -> None:
+    """Our certificate and key, and the CAs we trust; a clear error naming the setting when unusable."""
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"dimse.tls: cannot use cert_file {tls.cert_file} with key_file {tls.key_file}: "
+                         f"{exc}") from exc
+    if tls.ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"dimse.tls: cannot use ca_file {tls.ca_file}: {exc}") from exc
 
 
 def handshake(sock: socket.socket, timeout: float) -> str | None:
