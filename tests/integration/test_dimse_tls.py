@@ -244,3 +244,24 @@ def make_commitment_request(transaction: str, refs: list[tuple[str, str]]) -> An
         items.append(item)
     ds.ReferencedSOPSequence = items
     return ds
+
+
+def test_tls_store_throughput(live_server_factory: Any, tmp_path: Path, pki: Pki) -> None:
+    """200 C-STOREs over one association, TLS (client certificate required) vs plain TCP."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    files = []
+    for i in range(200):
+        path, _sop = _instance(folder, f"{i:03d}.dcm")
+        files.append(path)
+    plain = start(live_server_factory, tmp_path / "plain")
+    secure = _tls_server(live_server_factory, tmp_path / "tls", pki, require_client_cert=True)
+    timings: dict[str, float] = {}
+    for name, server, options in (("plain", plain, ()), ("tls", secure, _client_tls(pki.client, pki))):
+        t0 = time.perf_counter()
+        result = _storescu(server, *options, files=files)
+        timings[name] = time.perf_counter() - t0
+        assert result.returncode == 0, result.stderr
+        assert len(_stored_sops(server)) == 200
+    print(f"200 C-STOREs: plain {timings['plain']:.2f}s, TLS {timings['tls']:.2f}s")
+    assert timings["tls"] < timings["plain"] * 2 + 1.0, timings
