@@ -210,3 +210,26 @@ async def test_identifiers_with_search_separators_update_the_same_patient(
     patients = [p for p in await fhir.resources("Patient").search(_count=1000).fetch()
                 if any(i.get("value") == pid for i in p.serialize().get("identifier", []))]
     assert len(patients) == 1
+
+
+async def test_deleted_series_updates_counts_and_deleted_study_is_deleted(
+        aiohttp_client: Any, tmp_path: Path, fhir_server: FhirServer) -> None:  # noqa: F811
+    route = ROUTE.replace("[study.stable, study.deleted]", "[study.stable, series.deleted, study.deleted]") \
+        .replace("on_delete: entered-in-error", "on_delete: delete")
+    client = await aiohttp_client(create_app(settings_for(tmp_path, fhir_server.url, route)))
+    uid = "1.2.826.0.1.3680043.10.1045.14.1"
+    await stow(client, [make_instance(study_uid=uid, series_uid=f"{uid}.{s}", series_number=s, patient_id="PID-DEL")
+                        for s in (1, 2)])
+    engine = client.app[ENGINE]
+    await wait_for(lambda: _count_done(engine, 1), what="study.stable delivery")
+    study, _ = await read_back(fhir_server, uid)
+    assert study["numberOfSeries"] == 2
+    assert (await client.delete(f"/dicomweb/studies/{uid}/series/{uid}.2")).status == 204
+    await wait_for(lambda: _count_done(engine, 2), what="series.deleted delivery")
+    study, _ = await read_back(fhir_server, uid)
+    assert study["numberOfSeries"] == 1 and [s["uid"] for s in study["series"]] == [f"{uid}.1"]
+    assert (await client.delete(f"/dicomweb/studies/{uid}")).status == 204
+    await wait_for(lambda: _count_done(engine, 3), what="study.deleted delivery")
+    found = await AsyncFHIRClient(fhir_server.url).resources("ImagingStudy").search(
+        identifier=f"urn:dicom:uid|urn:oid:{uid}").fetch()
+    assert found == []
