@@ -56,6 +56,39 @@ def extra_tags_for(tenant: TenantSettings) -> frozenset[str]:
     return frozenset(tags)
 
 
+#: preamble (128) + "DICM" (PS3.10 7.1)
+_PREFIX_LEN = 132
+#: give up looking for the end of the File Meta Information after this many bytes
+_META_LIMIT = 1 << 16
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def _dataset_offset(head: bytes, complete: bool = False) -> int | None:
+    """Where the data set starts in a Part 10 file: after the explicit VR LE group 0002 elements.
+
+    Walks the File Meta elements (their group length is optional in practice: pydicom writes none for
+    a data set made in memory). None: more bytes are needed; 0: not the PS3.10 shape, hash everything.
+    """
+    if len(head) < _PREFIX_LEN:
+        return 0 if complete else None
+    if head[128:132] != b"DICM":
+        return 0
+    pos = _PREFIX_LEN
+    while True:
+        if len(head) < pos + 8:
+            return pos if complete and len(head) == pos else (0 if complete or len(head) > _META_LIMIT else None)
+        group = int.from_bytes(head[pos:pos + 2], "little")
+        if group != 0x0002:
+            return pos
+        vr = head[pos + 4:pos + 6]
+        if vr in _LONG_VRS:
+            if len(head) < pos + 12:
+                return 0 if complete or len(head) > _META_LIMIT else None
+            pos += 12 + int.from_bytes(head[pos + 8:pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(head[pos + 6:pos + 8], "little")
+
+
 class Spool:
     """A local file that receives one instance's bytes as they stream in, hashing them on the way.
 
@@ -69,17 +102,44 @@ class Spool:
         self._max = max_size
         self._fh: BinaryIO | None = None
         self._hash = hashlib.sha256()
+        #: bytes seen so far, the head kept until the File Meta Information length is known, and where the
+        #: data set starts (None: not known yet)
+        self._pos = 0
+        self._head = b""
+        self._dataset_start: int | None = None
         self._pending: list[bytes] = []
         self._pending_len = 0
         self.size = 0
         #: set once the file has been handed to the blob store (which moves or deletes it)
         self.consumed = False
 
+    def _digest(self, chunk: bytes) -> None:
+        """Hash the data set only, not the File Meta Information (PS3.10 7.1).
+
+        The same instance arriving over STOW-RS and C-STORE has identical data set bytes but a different
+        file meta header (implementation UID, source AE title, group length or not), and must count as
+        the same content.
+        """
+        start = self._pos
+        self._pos += len(chunk)
+        if self._dataset_start is None:
+            self._head += chunk
+            found = _dataset_offset(self._head)
+            if found is None:
+                return
+            self._dataset_start = found
+            head, self._head = self._head, b""
+            self._hash.update(memoryview(head)[found:])
+            return
+        offset = max(0, self._dataset_start - start)
+        if offset < len(chunk):
+            self._hash.update(memoryview(chunk)[offset:])
+
     def _flush_sync(self, chunks: list[bytes]) -> None:
         if self._fh is None:
             self._fh = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish_sync()/discard()
         for chunk in chunks:
-            self._hash.update(chunk)
+            self._digest(chunk)
             self._fh.write(chunk)
 
     def _add(self, size: int) -> None:
@@ -104,10 +164,13 @@ class Spool:
         self._flush_sync([data])
 
     def finish_sync(self) -> str:
-        """Write what is pending, fsync and close; return the SHA-256 of the content (blocking)."""
+        """Write what is pending, fsync and close; return the SHA-256 of the data set (blocking)."""
         chunks, self._pending, self._pending_len = self._pending, [], 0
         try:
             self._flush_sync(chunks)
+            if self._dataset_start is None:  # the body ended inside what looked like file meta
+                self._dataset_start = _dataset_offset(self._head, complete=True) or 0
+                self._hash.update(memoryview(self._head)[self._dataset_start:])
             assert self._fh is not None
             _datasync(self._fh.fileno())  # contents and size durable; the blob's name: put_file
             self._fh.close()

@@ -116,3 +116,20 @@ def _part10(ds: pydicom.Dataset) -> bytes:
     from tests.factory import to_bytes
 
     return to_bytes(ds)
+
+
+def test_same_instance_over_stow_then_cstore_is_an_idempotent_success(live_server_factory: Any,
+                                                                        tmp_path: Path) -> None:
+    """storescu rewrites the file meta header; the data set is identical, so this is no 0x0111 conflict."""
+    ds = make_dataset(patient_id="XP-3", patient_name="Qidem^Potent")
+    server = dimse_server(live_server_factory, tmp_path)
+    DICOMwebClient(url=server.dicomweb).store_instances([ds])
+    before = stored(server)[ds.SOPInstanceUID]
+    [path] = write_instances(tmp_path / "again", [ds])
+    proc = run(["storescu", "-v", "-aec", "DICOMFLOW", "-aet", "STORESCU", "127.0.0.1",
+                str(server.settings.dimse.port), str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "Received Store Response (Success)" in proc.stdout + proc.stderr
+    after = stored(server)
+    assert after[ds.SOPInstanceUID] == before  # nothing replaced, one instance
+    assert list(after) == [ds.SOPInstanceUID]
