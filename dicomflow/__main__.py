@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from dicomflow import db as db_cli
 from dicomflow import fsck as fsck_cli
@@ -38,6 +39,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a malformed request (e.g. an oversized header) at ERROR with a traceback quoting the
+    header bytes, which may be a bearer token or a query with patient data: keep one plain line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "malformed HTTP request refused (%s %s)", (exc.code, type(exc).__name__)
+        return True
+
+
 def _configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -45,6 +60,7 @@ def _configure_logging(level: str) -> None:
     # pynetdicom logs whole datasets at DEBUG and peer details at INFO: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
 
 
 def _is_loopback(host: str) -> bool:

@@ -59,7 +59,12 @@ def audit_middleware() -> Middleware:
         if request.method == "OPTIONS" or request.path in _UNAUDITED:
             return await handler(request)
         trail = request.app.get(AUDIT)
-        tenant = tenant_in_path(request, request.app[SETTINGS])
+        settings = request.app[SETTINGS]
+        tenant = tenant_in_path(request, settings)
+        if tenant not in settings.tenants:
+            # a request for a tenant that does not exist is recorded in the default tenant's trail (a peer
+            # must not be able to create audit chains by naming tenants)
+            tenant = settings.default_tenant
         path_study = _STUDY.search(request.path)
         studies = [path_study.group(1)] if path_study else []
         # a deleted study's patient is gone afterwards: resolve it first

@@ -172,3 +172,17 @@ async def test_full_sink_is_counted_and_reported(tmp_path: Path) -> None:
                                  protocol="dicomweb"))
     assert trail.dropped == 3
     await engine.dispose()
+
+
+async def test_unknown_tenants_cannot_create_audit_chains(server: LiveServer, provider: OidcProvider) -> None:
+    for path in ("/tenants/ghost-1/dicomweb/studies", "/tenants/" + "x" * 300 + "/dicomweb/studies",
+                 "/tenants/%00evil/dicomweb/studies"):
+        await _req("GET", server.url + path, provider.token("acme-admin"))
+        await _req("GET", server.url + path, None)
+    await _audit(server, provider.token("acme-admin"))  # the writer has caught up with earlier records
+    await asyncio.sleep(0.5)
+    db = sqlite3.connect(server.settings.data_dir / "index.sqlite")
+    tenants = {t for (t,) in db.execute("SELECT DISTINCT tenant FROM audit_events")}
+    db.close()
+    assert tenants <= {"default", "acme", "globex"}
+    assert "default" in tenants
