@@ -270,6 +270,9 @@ class DicomDestination(_Model):
     concurrency: int = Field(default=1, ge=1, le=64)
     #: instances sent on one association
     batch_size: int = Field(default=500, ge=1)
+    #: TLS (PS3.15 B.1): the node's certificate is checked against dimse.tls.ca_file and the system CAs;
+    #: dimse.tls.cert_file/key_file are presented as our client certificate
+    tls: bool = False
 
     _ae = field_validator("ae_title", "calling_ae_title")(validate_ae_title)
 

@@ -21,6 +21,7 @@ class DicomConnector:
 
     async def deliver(self, job: DeliveryJob) -> Outcome:
         from dicomflow.dimse.scu import StoreScu, SubOperationOutcome
+        from dicomflow.dimse.tls import client_context
 
         dest = job.destination
         assert isinstance(dest, DicomDestination)
@@ -32,10 +33,11 @@ class DicomConnector:
         blobs: BlobStore = self.ctx.blobs
         if options_of(job.action) is not None:
             blobs = DeidentifiedBlobs(self.ctx.blobs, job.action)
-        node = RemoteNode(ae_title=dest.ae_title, host=dest.host, port=dest.port)
+        node = RemoteNode(ae_title=dest.ae_title, host=dest.host, port=dest.port, tls=dest.tls)
         dimse = self.ctx.settings.dimse.model_copy(update={"dimse_timeout": dest.timeout,
                                                            "network_timeout": dest.timeout})
-        scu = StoreScu(blobs, dest.calling_ae_title, dimse)
+        ssl_context = client_context(dimse.tls) if dest.tls else None
+        scu = StoreScu(blobs, dest.calling_ae_title, dimse, ssl_context)
         results = []
         for start in range(0, len(records), dest.batch_size):
             results.extend(await scu.send_async(self.ctx.offloader, node, records[start:start + dest.batch_size]))
