@@ -54,6 +54,8 @@ class RoutingEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[int, tuple[asyncio.Task[None], DeliveryRow]] = {}
         self._per_destination: dict[str, int] = {}
+        #: destination -> monotonic time before which it gets no new attempt (it just failed retryably)
+        self._paused: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._connectors: dict[str, Connector] = {}
@@ -169,8 +171,10 @@ class RoutingEngine:
 
     def _free_slots(self) -> dict[str, int]:
         free: dict[str, int] = {}
+        now = time.monotonic()
         for name, dest in self.settings.routing.destinations.items():
-            free[name] = dest.concurrency - self._per_destination.get(name, 0)
+            paused = self._paused.get(name, 0.0) > now
+            free[name] = 0 if paused else dest.concurrency - self._per_destination.get(name, 0)
         return free
 
     async def _deliver_loop(self) -> None:
@@ -207,6 +211,7 @@ class RoutingEngine:
                                  row.destination)
                 await self._failed(row, f"internal error: {type(exc).__name__}", repr(exc)[:1500], True)
             else:
+                self._paused.pop(row.destination, None)
                 await self.store.succeed(row, outcome)
                 self.metrics.attempts.labels(*labels, "delivered").inc()
                 logger.info("delivery %d route=%s step=%d destination=%s %s study=%s: %s", row.id, row.route,
@@ -233,6 +238,12 @@ class RoutingEngine:
         status = await self.store.fail(row, detail, retryable=retryable, max_attempts=routing.max_attempts,
                                        backoff=(routing.backoff_initial, routing.backoff_max))
         result = "dead" if status == Status.DEAD else "retry"
+        if retryable:
+            # a destination that is down or overloaded gets a short rest instead of every queued delivery
+            # failing at once against it (and each failure costing a database write beside ingest)
+            self._paused[row.destination] = time.monotonic() + routing.backoff_initial
+        else:
+            self._paused.pop(row.destination, None)
         self.metrics.attempts.labels(row.tenant, row.route, row.destination, result).inc()
         if status == Status.DEAD:
             logger.warning("delivery %d route=%s destination=%s is a dead letter after %d attempt(s): %s",

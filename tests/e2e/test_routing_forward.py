@@ -4,6 +4,7 @@ storescp, both de-identified (PS3.15 Annex E) and checked on what the receiver g
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ async def test_stow_forward_refused_by_the_receiver_is_a_dead_letter(aiohttp_cli
     receiver = live_server_factory(make_settings(tmp_path / "receiver"))
     original = study(1)[0]
     # the receiver already holds this SOP Instance UID with other bytes and rejects duplicates (409, 0x0111)
-    clash = original.copy()
+    clash = copy.deepcopy(original)  # Dataset.copy() is shallow: it would rename the original too
     clash.PatientName = "Otherzz^Personzz"
     await asyncio.to_thread(DICOMwebClient(receiver.dicomweb).store_instances, [clash])
     settings = routing_settings(tmp_path / "sender", {"copy.yaml": """name: plain-copy
@@ -203,8 +204,9 @@ actions: [{type: dicomweb, destination: acme-archive}, {type: dicomweb, destinat
         await stow(client, study(2))
         engine = client.app[ENGINE]
         await wait_for(lambda: _count(engine, "done", 2), what="forwards with a token")
-        dead = await wait_for(lambda: engine.store.list_deliveries(status="dead"), what="forwards without one")
-        assert len(dead) == 2 and all("HTTP 401" in (d.last_error or "") for d in dead)
+        await wait_for(lambda: _count(engine, "dead", 2), what="forwards without one")
+        dead = await engine.store.list_deliveries(status="dead")
+        assert all("HTTP 401" in (d.last_error or "") for d in dead)
         token = provider.token("router")
         web = DICOMwebClient(receiver.tenant_dicomweb("acme"), headers={"Authorization": f"Bearer {token}"})
         assert len(await asyncio.to_thread(web.search_for_instances, STUDY)) == 2
