@@ -38,6 +38,8 @@ def required_permission(request: web.Request) -> Permission:
     path = request.path
     if "/admin/" in path or path.endswith("/admin") or path.startswith("/admin"):
         return Permission.ADMIN
+    if path == "/metrics":  # its labels name every tenant, route and destination: operators only
+        return Permission.ADMIN
     if request.method in ("POST", "PUT"):
         return Permission.WRITE
     if request.method == "DELETE":

@@ -71,6 +71,7 @@ class _Req:
     ("POST", "/dicomweb/studies", Permission.WRITE),
     ("DELETE", "/dicomweb/studies/1.2", Permission.DELETE),
     ("GET", "/tenants/a/admin/deliveries", Permission.ADMIN),
+    ("GET", "/metrics", Permission.ADMIN),
 ])
 def test_required_permission(method: str, path: str, perm: Permission) -> None:
     assert required_permission(_Req(method, path)) is perm  # type: ignore[arg-type]
