@@ -257,6 +257,14 @@ class IngestService:
             record = await self.index.store_instance(
                 tenant, parsed, blob_key=key, size=spool.size, sha256=sha256, source=source,
                 policy=tenant_settings.duplicate_policy, extra_tags=self._extra[tenant])
+        except OutOfResourcesError:
+            # The connection may have broken after the COMMIT reached the database: deleting the blob of
+            # a committed row would leave a row without its blob. Delete only what is known rolled back.
+            if await self._committed_anyway(tenant, parsed.sop_instance_uid, key):
+                logger.warning("stored tenant=%s sop=%s although the index answer was lost", tenant,
+                               parsed.sop_instance_uid)
+                return self._outcome(tenant, parsed, StoreResult.STORED)
+            raise
         except BaseException:
             await self._delete_blob(key)
             raise
@@ -264,6 +272,20 @@ class IngestService:
             await self._delete_blob(record.obsolete_blob_key)
         logger.debug("stored tenant=%s sop=%s result=%s", tenant, parsed.sop_instance_uid, record.result)
         return self._outcome(tenant, parsed, record.result)
+
+    async def _committed_anyway(self, tenant: str, sop_uid: str, key: str) -> bool:
+        """After an index failure of unknown outcome: True when the row with ``key`` was committed; else
+        the blob is deleted, or left for fsck (unreferenced, it goes after the grace period) when the index
+        cannot tell."""
+        try:
+            existing = await self.index.find_existing(tenant, sop_uid)
+        except Exception:
+            logger.warning("index unreachable after a failed store; blob %s left for fsck", key)
+            return False
+        if existing is not None and existing.blob_key == key:
+            return True
+        await self._delete_blob(key)
+        return False
 
     async def _delete_blob(self, key: str) -> None:
         try:
