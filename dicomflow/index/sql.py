@@ -30,46 +30,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def first_value(metadata: dict[str, Any], tag: str) -> Any:
-    """The first value of an attribute in a PS3.18 JSON model, or None."""
-    element = metadata.get(tag)
-    if not isinstance(element, dict):
-        return None
-    values = element.get("Value")
-    if not values:
-        return None
-    return values[0]
-
-
-def string_value(metadata: dict[str, Any], tag: str) -> str | None:
-    """All values of a string attribute joined with backslash (PN as its DICOM string form)."""
-    element = metadata.get(tag)
-    if not isinstance(element, dict) or not element.get("Value"):
-        return None
-    parts: list[str] = []
-    for v in element["Value"]:
-        if isinstance(v, dict):  # PN: {"Alphabetic": ..., "Ideographic": ..., "Phonetic": ...}
-            groups = [v.get("Alphabetic", ""), v.get("Ideographic", ""), v.get("Phonetic", "")]
-            while groups and not groups[-1]:
-                groups.pop()
-            parts.append("=".join(groups))
-        else:
-            parts.append(str(v))
-    return "\\".join(parts)
-
-
-def int_value(metadata: dict[str, Any], tag: str) -> int | None:
-    value = first_value(metadata, tag)
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _upper(value: str | None) -> str | None:
-    return value.upper() if value is not None else None
-
-
 def _to_record(row: sa.Row[Any]) -> InstanceRecord:
     m = row._mapping
     return InstanceRecord(
