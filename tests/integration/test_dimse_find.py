@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
 
+from dicomflow.index.query import SearchResults
 from tests.conftest import LiveServer
 from tests.factory import MR_IMAGE, make_dataset
 from tests.integration.dcmtk import dimse_server, findscu, storescu, write_instances
@@ -140,7 +142,17 @@ def test_series_and_image_levels(server: LiveServer, tmp_path: Path) -> None:
     assert len(patient_root_image.responses) == 1
 
 
-def test_cancel_stops_the_search(live_server_factory: Any, tmp_path: Path) -> None:
+def test_cancel_stops_the_search(live_server_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A long search: each match takes 20 ms to come out of the index, so findscu's C-CANCEL (sent after 5
+    # responses) arrives while matches are still being produced. Without the delay all 120 small responses
+    # fit in the socket buffers before the cancel is even sent, and the outcome depends on timing.
+    slow_next = SearchResults.__anext__
+
+    async def slow(self: SearchResults) -> dict[str, Any]:
+        await asyncio.sleep(0.02)
+        return await slow_next(self)
+
+    monkeypatch.setattr(SearchResults, "__anext__", slow)
     srv = dimse_server(live_server_factory, tmp_path)
     study, series = generate_uid(), generate_uid()
     many = [make_dataset(study_uid=study, series_uid=series, instance_number=n, pixels=False) for n in range(120)]
