@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -143,7 +144,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No patient data in logs at INFO or above: grep every such record of the run for test PHI."""
     from tests.factory import PHI_SEEN
 
-    leaks = sorted({(phi, line) for line in _COLLECTOR.lines for phi in PHI_SEEN if phi in line})
+    # whole words only: a test patient called "Client^Test" must not match "ClientConnectorError"
+    patterns = [(phi, re.compile(rf"(?<![A-Za-z0-9]){re.escape(phi)}(?![A-Za-z0-9])")) for phi in PHI_SEEN if phi]
+    leaks = sorted({(phi, line) for line in _COLLECTOR.lines for phi, pattern in patterns if pattern.search(line)})
     if leaks:
         report = "\n".join(f"  {phi!r} in: {line[:300]}" for phi, line in leaks[:20])
         session.config.get_terminal_writer().line(
