@@ -19,21 +19,34 @@ C-MOVE / C-GET
     The identifier's unique keys (lists of UIDs allowed at the retrieve level, PS3.4 C.4.2.2.1) select
     instances through the same matcher. Unlike C-FIND, the unique keys of the levels above may be left
     out (the retrieve level's UIDs identify the instances; many SCUs send only those), but one that is
-    present needs a single value. The destination of a C-MOVE must be one of the tenant's
-    ``remote_nodes``, otherwise 0xA801. Sub-operations go through pynetdicom's sub-operation loop, which
-    counts remaining/completed/failed/warning in each pending response, answers 0xB000 when some failed,
-    0xA702 when all failed, and 0xFE00 on C-CANCEL. The C-MOVE association proposes, per SOP Class, one
-    context per stored transfer syntax plus the uncompressed fallbacks (``dimse/scu.py``); each instance
-    goes as stored when accepted, else converted. C-GET sends on the requesting association with the
-    contexts (and SCP/SCU role selection, PS3.7 D.3.3.4) the requestor negotiated.
+    present needs a single value.
 
-    pynetdicom asks the C-MOVE handler for the destination before anything else and cannot report a
-    failure before the sub-operation association exists, so an identifier that cannot be served or an
-    index that does not answer ends the request with pynetdicom's 0xC514 (C-MOVE) or 0xC413 (C-GET),
-    both "Failed: Unable to process" (PS3.4 C.4.2.1.4, C.4.3.1.4), rather than 0xA900 / 0xA701. It also
-    answers 0xA801 when the destination refuses the association, and calls the destination with the
-    SCP's own AE title (the same for every tenant). A destination with ``tls`` is verified against
-    ``dimse.tls.ca_file`` and the system's CA certificates, and our certificate is presented.
+    Both are answered before any sub-operation when they cannot be served (PS3.4 C.4.2.1.5 Table C.4-2,
+    C.4.3.1.4 Table C.4-3): 0xA801 for a C-MOVE destination that is not one of the tenant's
+    ``remote_nodes``; 0xA900 with the Offending Element and an Error Comment for an identifier we cannot
+    serve (Query/Retrieve Level missing or not a level of the model, the retrieve level's unique key
+    missing or with wild cards, a higher unique key with several values); 0xA701 when the index does not
+    answer; 0xC000 for an undecodable identifier or more than 65535 instances (the counters are US).
+    pynetdicom 3.0.4's C-MOVE/C-GET loops cannot send a failure before the sub-operations (they would
+    answer 0xC514 / 0xC413), so :meth:`QueryRetrieve.gate_retrieves` takes these requests off the
+    association's dispatcher first.
+
+    C-MOVE runs here entirely: the sub-operations go through :class:`~dicomflow.dimse.scu.StoreScu` on
+    an association (more when over 128 presentation contexts are needed) that calls the destination
+    with the AE title the requestor called (the tenant's, which
+    is what a destination allow-lists), name the requestor as Move Originator (PS3.7 9.1.1.1), propose per
+    SOP Class one context per stored transfer syntax plus the uncompressed fallbacks, and send each
+    instance as stored when accepted, else converted. A pending response follows each sub-operation with
+    the remaining/completed/failed/warning counts; the final one is Success, 0xB000 when some failed or
+    warned, 0xA702 when all failed, 0xFE00 after C-CANCEL, with the Failed SOP Instance UID List. A
+    destination that refuses the association fails every sub-operation (PS3.4 C.4.2.3.1: no presentation
+    context could be negotiated), hence 0xA702 with the counts, as dcmqrscp answers; 0xA801 is only for an
+    unknown destination. A destination with ``tls`` is verified against ``dimse.tls.ca_file`` and the
+    system's CA certificates, and our certificate is presented.
+
+    C-GET sends on the requesting association through pynetdicom's sub-operation loop, with the contexts
+    (and SCP/SCU role selection, PS3.7 D.3.3.4) the requestor negotiated; it counts sub-operations and
+    answers 0xB000 / 0xA702 / 0xFE00 as above.
 
     C-GET and compressed instances: pynetdicom's acceptor takes, in each proposed context, the first
     syntax of *our* list that the requestor proposed, and the storage list starts with Explicit VR LE
@@ -44,7 +57,7 @@ C-MOVE / C-GET
 Tenancy: every request sees only the tenant that owns the called AE title.
 
 Audit (audit/dimse.py): each request is described here (level, keys, studies) and recorded with the
-final status pynetdicom sends: a Query record for C-FIND, DICOM Instances Transferred for C-MOVE/C-GET.
+final status sent: a Query record for C-FIND, DICOM Instances Transferred for C-MOVE/C-GET.
 """
 
 from __future__ import annotations
@@ -54,7 +67,8 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from io import BytesIO
 from typing import Any, Generic, TypeVar
 
 from pydicom.charset import convert_encodings, decode_bytes, encode_string
@@ -64,22 +78,23 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import Event
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 
 from dicomflow.audit.dimse import DimseAudit
 from dicomflow.audit.record import AuditAction
 from dicomflow.dimse import tls
 from dicomflow.dimse.bridge import DimseContext, EventHandler, called_ae_of, calling_ae_of
 from dicomflow.dimse.scu import (
-    FALLBACK_SYNTAXES,
-    MAX_CONTEXTS,
+    StoreScu,
+    SubOperationOutcome,
     accepted_syntaxes,
-    association_kwargs,
     load_for_peer,
-    propose_contexts,
     route_stored_instances,
 )
+from dicomflow.dimse.sop_classes import QR_GET_SOP_CLASSES, QR_MOVE_SOP_CLASSES
 from dicomflow.errors import DicomServiceError, InvalidQueryError, NotAcceptableError, OutOfResourcesError
 from dicomflow.index.base import InstanceRecord
 from dicomflow.index.query import (
@@ -102,13 +117,19 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# PS3.4 C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE), C.4.3.1.5 (C-GET) status codes
+# PS3.4 C.4.1.1.4 Table C.4-1 (C-FIND), C.4.2.1.5 Table C.4-2 (C-MOVE), C.4.3.1.4 Table C.4-3 (C-GET)
 SUCCESS = 0x0000
 PENDING = 0xFF00
-CANCEL = 0xFE00
-OUT_OF_RESOURCES = 0xA700
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
+CANCEL = 0xFE00  # Sub-operations terminated due to Cancel Indication
+OUT_OF_RESOURCES = 0xA700  # C-FIND Refused: Out of Resources
+UNABLE_TO_CALCULATE_MATCHES = 0xA701  # C-MOVE/C-GET Refused: Out of Resources - Unable to calculate matches
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET Refused: Out of Resources - Unable to perform sub-ops
+MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE Refused: Move Destination unknown
+IDENTIFIER_DOES_NOT_MATCH = 0xA900  # Identifier does not match SOP Class
+SUB_OPERATIONS_WARNING = 0xB000  # Sub-operations Complete - One or more Failures or Warnings
+UNABLE_TO_PROCESS = 0xC000  # Unable to process (0xC000-0xCFFF)
+#: PS3.7 9.3.3.2 / 9.3.4.2: the Number of ... Sub-operations fields are US
+MAX_SUB_OPERATIONS = 0xFFFF
 
 #: PS3.4 C.6.1 Patient Root and C.6.2 Study Root information models, per DIMSE service.
 PATIENT_ROOT = frozenset({"1.2.840.10008.5.1.4.1.2.1.1",  # FIND
@@ -299,10 +320,9 @@ def model_levels(sop_class_uid: str) -> tuple[Level, ...]:
     raise _Refused(UNABLE_TO_PROCESS, "unsupported Query/Retrieve SOP Class")
 
 
-def _decode_identifier(event: Event) -> dict[str, Any]:
+def _decode_identifier(get: Callable[[], Dataset]) -> dict[str, Any]:
     try:
-        identifier = event.identifier
-        return dict(identifier.to_json_dict(bulk_data_threshold=1 << 30))
+        return dict(get().to_json_dict(bulk_data_threshold=1 << 30))
     except Exception as exc:
         raise _Refused(UNABLE_TO_PROCESS, "identifier cannot be decoded") from exc
 
@@ -410,6 +430,8 @@ class QueryRetrieve:
     def __init__(self, ctx: DimseContext, audit: DimseAudit | None = None) -> None:
         self.ctx = ctx
         self.audit = audit
+        #: id(C-GET request) -> what gate_retrieves selected for it, taken by on_get
+        self._gets: dict[int, _Selection] = {}
 
     def _tenant(self, assoc: Association) -> str:
         return self.ctx.tenant_of(assoc)
@@ -426,7 +448,7 @@ class QueryRetrieve:
         try:
             tenant = self._tenant(assoc)
             levels = model_levels(str(event.request.AffectedSOPClassUID))
-            identifier = _decode_identifier(event)
+            identifier = _decode_identifier(lambda: event.identifier)
             level = _level_of(identifier, levels)
             above = _higher_unique_keys(identifier, level, levels)
             wanted_charset = SPECIFIC_CHARACTER_SET in identifier
@@ -494,10 +516,58 @@ class QueryRetrieve:
 
     # C-MOVE / C-GET --------------------------------------------------------------------------------
 
-    def _records(self, event: Event, tenant: str) -> list[InstanceRecord]:
+    def gate_retrieves(self, assoc: Association) -> None:
+        """Answer the C-MOVE and C-GET requests of an accepted association here before pynetdicom does.
+
+        pynetdicom 3.0.4's C-MOVE/C-GET SCP (``QueryRetrieveServiceClass._move_scp`` / ``_get_scp``) takes
+        the destination, then the number of sub-operations, from the handler and has no way to answer a
+        failure before them: a refusal would end as its own 0xC514 / 0xC413. It also opens the C-MOVE
+        sub-association itself, with the SCP's one AE title, and answers 0xA801 when that fails. So the
+        association's request dispatcher (``Association._serve_request``, which reactor.py calls for each
+        request) is wrapped: a C-MOVE is served entirely by :meth:`_serve_move`; a C-GET is checked by
+        :meth:`_select_or_refuse` and only a servable one goes on to pynetdicom's sub-operation loop
+        (:meth:`on_get`), which sends on the requesting association with its negotiated roles.
+        """
+        serve = assoc._serve_request
+
+        def serve_request(msg: Any, context_id: int) -> None:
+            context = assoc._accepted_cx.get(context_id)
+            if (not isinstance(msg, C_MOVE | C_GET) or context is None or assoc._sent_release
+                    or not msg.is_valid_request or str(msg.AffectedSOPClassUID) not in _RETRIEVE_CLASSES):
+                serve(msg, context_id)  # pynetdicom's own answers (unknown context, invalid request, ...)
+                return
+            assoc.dimse.cancel_req = {}  # as Association._serve_request: drop C-CANCELs of earlier requests
+            if isinstance(msg, C_MOVE):
+                # as Association._serve_request around a service class: another thread's send_*() on this
+                # association (a storage commitment report) must not wait for the whole C-MOVE
+                assoc._is_paused = True
+                try:
+                    self._serve_move(assoc, msg, context)
+                finally:
+                    assoc._is_paused = False
+                    assoc.dimse.cancel_req = {}
+                return
+            selection = self._select_or_refuse(assoc, msg, context, "C-GET")
+            if selection is None:
+                return
+            self._gets[id(msg)] = selection
+            try:
+                serve(msg, context_id)  # pynetdicom's C-GET loop: on_get takes the selection
+            finally:
+                self._gets.pop(id(msg), None)
+
+        assoc._serve_request = serve_request  # type: ignore[method-assign]
+
+    def _select(self, assoc: Association, req: C_MOVE | C_GET, context: PresentationContext) -> _Selection:
         """The instances a C-MOVE / C-GET identifier selects (PS3.4 C.4.2.2.1 unique keys only)."""
-        levels = model_levels(str(event.request.AffectedSOPClassUID))
-        identifier = _decode_identifier(event)
+        tenant = self._tenant(assoc)
+        levels = model_levels(str(req.AffectedSOPClassUID))
+        ts = context.transfer_syntax[0]
+        encoded = req.Identifier
+        if encoded is None:
+            raise _Refused(UNABLE_TO_PROCESS, "no identifier")
+        identifier = _decode_identifier(
+            lambda: decode(encoded, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated))
         level = _level_of(identifier, levels)
         above = _higher_unique_keys(identifier, level, levels, required=False)
         own_tag = UNIQUE_KEY[level]
@@ -519,7 +589,28 @@ class QueryRetrieve:
             query = query_from_identifier(keys, match_level, limit=None)
         except InvalidQueryError as exc:
             raise _Refused(IDENTIFIER_DOES_NOT_MATCH, exc.detail) from exc
-        return self.ctx.run(self._collect(tenant, query, match_level))
+        records = self.ctx.run(self._collect(tenant, query, match_level))
+        if len(records) > MAX_SUB_OPERATIONS:
+            # the sub-operation counters are US (PS3.7 9.3.3.2 / 9.3.4.2): no final response could count them
+            raise _Refused(UNABLE_TO_PROCESS, f"more than {MAX_SUB_OPERATIONS} instances: retrieve fewer at once")
+        return _Selection(tenant, records, _values(identifier, PATIENT_ID))
+
+    def _select_or_refuse(self, assoc: Association, req: C_MOVE | C_GET, context: PresentationContext,
+                          service: str) -> _Selection | None:
+        """:meth:`_select`, or None once the request has been answered with the failure (PS3.4 C.4.2.1.5,
+        C.4.3.1.4): 0xA900 for an identifier we cannot serve, 0xA701 when the index does not answer."""
+        try:
+            return self._select(assoc, req, context)
+        except _Refused as exc:
+            logger.warning("%s refused assoc=%s: 0x%04X %s", service, assoc.name, exc.status, exc.comment)
+            _respond(assoc, req, context, exc.status_dataset())
+        except OutOfResourcesError as exc:
+            logger.error("%s failed assoc=%s: %s", service, assoc.name, exc.detail)
+            _respond(assoc, req, context, _status(UNABLE_TO_CALCULATE_MATCHES, exc.detail))
+        except DicomServiceError as exc:
+            logger.error("%s failed assoc=%s: %s", service, assoc.name, exc.detail)
+            _respond(assoc, req, context, _status(UNABLE_TO_PROCESS, exc.detail))
+        return None
 
     async def _collect(self, tenant: str, query: Any, level: Level) -> list[InstanceRecord]:
         scopes: dict[tuple[str, str | None], set[str] | None] = {}
@@ -544,8 +635,80 @@ class QueryRetrieve:
                     records.append(rec)
         return records
 
+    def _serve_move(self, assoc: Association, req: C_MOVE, context: PresentationContext) -> None:
+        """A whole C-MOVE (PS3.4 C.4.2.3.1), on the association's reactor thread; never raises."""
+        try:
+            self._move(assoc, req, context)
+        except Exception:
+            logger.exception("C-MOVE failed assoc=%s", assoc.name)
+            if assoc.is_established:
+                with contextlib.suppress(Exception):
+                    _respond(assoc, req, context, _status(UNABLE_TO_PROCESS, "internal error"))
+
+    def _move(self, assoc: Association, req: C_MOVE, context: PresentationContext) -> None:
+        tenant = self._tenant(assoc)
+        destination = str(req.MoveDestination or "").strip()
+        node = _remote_node(self.ctx.settings.tenants[tenant].remote_nodes, destination)
+        if node is None:
+            logger.warning("C-MOVE assoc=%s tenant=%s: unknown destination %r", assoc.name, tenant, destination)
+            _respond(assoc, req, context, _status(MOVE_DESTINATION_UNKNOWN, "move destination unknown"))
+            return
+        selection = self._select_or_refuse(assoc, req, context, "C-MOVE")
+        if selection is None:
+            return
+        records, msg_id = selection.records, int(req.MessageID or 0)
+        self._audit_retrieve(assoc, msg_id, selection, f"C-MOVE to {node.ae_title}")
+        logger.info("C-MOVE assoc=%s tenant=%s to %s: %d instances", assoc.name, tenant, node.ae_title, len(records))
+        counts = _Counts(remaining=len(records))
+        failed: list[str] = []
+        cancelled = False
+
+        def stop() -> bool:
+            nonlocal cancelled
+            if assoc.dimse.cancel_req.pop(msg_id, None) is not None:  # C-CANCEL-MOVE-RQ (PS3.7 9.3.4.3)
+                cancelled = True
+            return cancelled or not assoc.is_established
+
+        # PS3.8 7.1.1.3: the sub-associations call the destination as the AE the requestor called (the
+        # tenant's AE title, the one a PACS knows and allow-lists), not as this server's default AE title.
+        ssl_context = tls.client_context(self.ctx.settings.dimse.tls) if node.tls else None
+        scu = StoreScu(self.ctx.blobs, called_ae_of(assoc), self.ctx.settings.dimse, ssl_context)
+        # PS3.7 9.1.1.1: each sub-operation names the C-MOVE's requestor and Message ID as Move Originator
+        sends = scu.send(node, records, is_cancelled=stop, move_originator=(calling_ae_of(assoc), msg_id))
+        restore = _fast_polling(assoc)
+        try:
+            for sub in sends:
+                counts.remaining -= 1
+                if sub.outcome is SubOperationOutcome.COMPLETED:
+                    counts.completed += 1
+                elif sub.outcome is SubOperationOutcome.WARNING:
+                    counts.warning += 1
+                else:
+                    counts.failed += 1
+                    failed.append(sub.sop_instance_uid)
+                if not assoc.is_established:
+                    break
+                _respond(assoc, req, context, PENDING, counts=counts)  # optional Pending (PS3.4 C.4.2.3.1)
+        finally:
+            sends.close()  # releases the sub-association
+            restore()
+        if not assoc.is_established:  # PS3.4 C.4.2.3.1 Note 2: no final response is possible
+            logger.info("C-MOVE assoc=%s tenant=%s: requestor gone", assoc.name, tenant)
+            return
+        # PS3.4 C.4.2.3.1: Success when all completed, Warning when some failed or warned, Failure when all
+        # failed (a destination that refuses the association fails them all): 0xA702, as dcmqrscp answers.
+        if cancelled:
+            logger.info("C-MOVE cancelled assoc=%s tenant=%s", assoc.name, tenant)
+            _respond(assoc, req, context, CANCEL, counts=counts, failed=failed)
+        elif not counts.failed and not counts.warning:
+            _respond(assoc, req, context, SUCCESS, counts=counts)
+        elif counts.failed and not counts.completed and not counts.warning:
+            _respond(assoc, req, context, UNABLE_TO_PERFORM_SUB_OPERATIONS, counts=counts, failed=failed)
+        else:
+            _respond(assoc, req, context, SUB_OPERATIONS_WARNING, counts=counts, failed=failed)
+
     def _prepare(self, assoc: Association | None, rec: InstanceRecord) -> Dataset:
-        """The data set to yield for one sub-operation; one pynetdicom cannot send when it must fail."""
+        """The data set to yield for one C-GET sub-operation; one pynetdicom cannot send when it must fail."""
         accepted = accepted_syntaxes(assoc, rec.sop_class_uid) if assoc is not None else set()
         try:
             if accepted:
@@ -558,7 +721,7 @@ class QueryRetrieve:
             logger.exception("sub-operation: instance %s unreadable", rec.sop_uid)
         logger.warning("sub-operation for %s fails: %s", rec.sop_uid, detail)
         # pynetdicom counts a data set it cannot send as a failed sub-operation and lists its SOP Instance
-        # UID in the Failed SOP Instance UID List (PS3.4 C.4.2.1.5.1); no accepted context has this syntax.
+        # UID in the Failed SOP Instance UID List (PS3.4 C.4.3.1.3.2); no accepted context has this syntax.
         failing = Dataset()
         failing.SOPClassUID = rec.sop_class_uid
         failing.SOPInstanceUID = rec.sop_uid
@@ -566,93 +729,100 @@ class QueryRetrieve:
         failing.file_meta.TransferSyntaxUID = UID(_UNSENDABLE_SYNTAX)
         return failing
 
-    def on_move(self, event: Event) -> Iterator[Any]:
-        """EVT_C_MOVE: yield the destination, the number of sub-operations, then ``(0xFF00, dataset)``s."""
-        assoc = event.assoc
-        tenant = self._tenant(assoc)
-        destination = (event.move_destination or "").strip()
-        node = _remote_node(self.ctx.settings.tenants[tenant].remote_nodes, destination)
-        if node is None:
-            logger.warning("C-MOVE assoc=%s tenant=%s: unknown destination %r", assoc.name, tenant, destination)
-            yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown (PS3.4 C.4.2.1.5)
-            return
-        records = self._records_or_raise(event, tenant, "C-MOVE")
-        self._audit_retrieve(event, tenant, records, f"C-MOVE to {node.ae_title}")
-        store_assoc: list[Association] = []
-        contexts = _contexts_for(records)
-
-        originator = calling_ae_of(assoc)
-
-        def accepted(e: Event) -> None:
-            # StoredInstance stand-ins go from their files, as stored; Move Originator = the C-MOVE's SCU
-            route_stored_instances(e.assoc, move_originator_ae=originator)
-            store_assoc.append(e.assoc)
-
-        ssl_context = tls.client_context(self.ctx.settings.dimse.tls) if node.tls else None
-        kwargs = association_kwargs(node, contexts, self.ctx.settings.dimse, ssl_context,
-                                    extra_handlers=[(evt.EVT_ACCEPTED, accepted)])
-        yield node.host, node.port, kwargs
-        yield len(records)
-        logger.info("C-MOVE assoc=%s tenant=%s to %s: %d instances", assoc.name, tenant, node.ae_title,
-                    len(records))
-        for rec in records:
-            if event.is_cancelled:
-                logger.info("C-MOVE cancelled assoc=%s tenant=%s", assoc.name, tenant)
-                yield CANCEL, None
-                return
-            yield PENDING, self._prepare(store_assoc[0] if store_assoc else None, rec)
-
     def on_get(self, event: Event) -> Iterator[Any]:
-        """EVT_C_GET: yield the number of sub-operations, then ``(0xFF00, dataset)`` per instance."""
+        """EVT_C_GET: yield the number of sub-operations, then ``(0xFF00, dataset)`` per instance.
+
+        Only requests :meth:`gate_retrieves` found servable get here, with the instances it selected.
+        """
         assoc = event.assoc
-        tenant = self._tenant(assoc)
-        records = self._records_or_raise(event, tenant, "C-GET")
-        self._audit_retrieve(event, tenant, records, "C-GET")
+        selection = self._gets.pop(id(event.request), None)
+        if selection is None:  # not through gate_retrieves: pynetdicom answers 0xC411
+            raise RuntimeError("C-GET request that was not selected by gate_retrieves")
+        self._audit_retrieve(assoc, int(event.request.MessageID or 0), selection, "C-GET")
         # the sub-operations run on this association: let its DUL thread poll faster while they do
         # (see scu.set_nodelay); restored when the C-GET ends
         restore = _fast_polling(assoc)
         undo = route_stored_instances(assoc)
         try:
-            yield from self._get_sub_operations(event, tenant, records)
+            yield from self._get_sub_operations(event, selection)
         finally:
             undo()
             restore()
 
-    def _get_sub_operations(self, event: Event, tenant: str, records: list[InstanceRecord]) -> Iterator[Any]:
+    def _get_sub_operations(self, event: Event, selection: _Selection) -> Iterator[Any]:
         assoc = event.assoc
-        yield len(records)
-        logger.info("C-GET assoc=%s tenant=%s: %d instances", assoc.name, tenant, len(records))
-        for rec in records:
+        yield len(selection.records)
+        logger.info("C-GET assoc=%s tenant=%s: %d instances", assoc.name, selection.tenant, len(selection.records))
+        for rec in selection.records:
             if event.is_cancelled:
-                logger.info("C-GET cancelled assoc=%s tenant=%s", assoc.name, tenant)
+                logger.info("C-GET cancelled assoc=%s tenant=%s", assoc.name, selection.tenant)
                 yield CANCEL, None
                 return
             yield PENDING, self._prepare(assoc, rec)
 
-    def _audit_retrieve(self, event: Event, tenant: str, records: list[InstanceRecord], what: str) -> None:
+    def _audit_retrieve(self, assoc: Association, message_id: int, selection: _Selection, what: str) -> None:
         if self.audit is None:
             return
-        try:
-            patients = _values(_decode_identifier(event), PATIENT_ID)
-        except Exception:
-            patients = []
-        self.audit.request(event.assoc, int(event.request.MessageID or 0), tenant, AuditAction.RETRIEVE,
-                           study_uids=sorted({r.study_uid for r in records}), patient_ids=patients,
+        records = selection.records
+        self.audit.request(assoc, message_id, selection.tenant, AuditAction.RETRIEVE,
+                           study_uids=sorted({r.study_uid for r in records}), patient_ids=selection.patient_ids,
                            description=f"{what}: {len(records)} instance(s)")
 
-    def _records_or_raise(self, event: Event, tenant: str, service: str) -> list[InstanceRecord]:
-        try:
-            return self._records(event, tenant)
-        except _Refused as exc:
-            logger.warning("%s refused assoc=%s: %s", service, event.assoc.name, exc.comment)
-            raise RetrieveRefusedError(exc.comment) from None
-        except DicomServiceError as exc:
-            logger.error("%s failed assoc=%s tenant=%s: %s", service, event.assoc.name, tenant, exc.detail)
-            raise RetrieveRefusedError(exc.detail) from None
+
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """What a servable C-MOVE / C-GET selected."""
+
+    tenant: str
+    records: list[InstanceRecord]
+    patient_ids: list[str]
 
 
-class RetrieveRefusedError(Exception):
-    """Raised inside a C-MOVE/C-GET handler: pynetdicom answers with its 0xCxxx Unable to Process."""
+@dataclass(slots=True)
+class _Counts:
+    """Sub-operation counters of a C-MOVE (PS3.4 C.4.2.1.5 related fields (0000,1020)-(0000,1023))."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+
+def _respond(assoc: Association, req: C_MOVE | C_GET, context: PresentationContext, status: int | Dataset, *,
+             counts: _Counts | None = None, failed: list[str] | None = None) -> None:
+    """Send one C-MOVE-RSP / C-GET-RSP (PS3.7 9.3.4.2 / 9.3.3.2) on the requesting association.
+
+    ``status`` is a code or a status Dataset carrying Error Comment / Offending Element. Counters go in
+    when given, Remaining only in Pending and Cancel responses (PS3.4 C.4.2.3.1: a final Success,
+    Warning or Failure has none left). ``failed`` becomes the Identifier's Failed SOP Instance UID List.
+    """
+    rsp = C_MOVE() if isinstance(req, C_MOVE) else C_GET()
+    rsp.MessageIDBeingRespondedTo = req.MessageID
+    rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+    if isinstance(status, Dataset):
+        rsp.Status = int(status.Status)
+        if "ErrorComment" in status:
+            rsp.ErrorComment = status.ErrorComment
+        if "OffendingElement" in status:
+            rsp.OffendingElement = status.OffendingElement
+    else:
+        rsp.Status = status
+    if counts is not None:
+        if rsp.Status in (PENDING, CANCEL):
+            rsp.NumberOfRemainingSuboperations = counts.remaining
+        rsp.NumberOfCompletedSuboperations = counts.completed
+        rsp.NumberOfFailedSuboperations = counts.failed
+        rsp.NumberOfWarningSuboperations = counts.warning
+    if failed is not None:
+        ts = context.transfer_syntax[0]
+        identifier = Dataset()
+        identifier.FailedSOPInstanceUIDList = failed
+        rsp.Identifier = BytesIO(encode(identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated) or b"")
+    assoc.dimse.send_msg(rsp, int(context.context_id or 0))
+
+
+#: PS3.4 C.6.1 / C.6.2 MOVE and GET SOP Classes answered by QueryRetrieve.gate_retrieves
+_RETRIEVE_CLASSES = frozenset(map(str, (*QR_MOVE_SOP_CLASSES, *QR_GET_SOP_CLASSES)))
 
 
 #: A transfer syntax UID no peer accepts, so that pynetdicom fails the sub-operation (see _prepare).
@@ -694,16 +864,6 @@ def _remote_node(nodes: Mapping[str, RemoteNode], ae_title: str) -> RemoteNode |
     return None
 
 
-def _contexts_for(records: list[InstanceRecord]) -> list[PresentationContext]:
-    try:
-        return propose_contexts(records)
-    except ValueError:
-        # More (SOP Class, syntax) pairs than one association holds: propose only the uncompressed
-        # fallbacks per SOP Class; instances then go converted (PS3.8 9.3.2.2 caps contexts at 128).
-        classes = list(dict.fromkeys(r.sop_class_uid for r in records))[:MAX_CONTEXTS]
-        return [build_context(sop, list(FALLBACK_SYNTAXES)) for sop in classes]
-
-
 def _values(identifier: Mapping[str, Any], tag: str) -> list[str]:
     """Single-valued non-wildcard values of an identifier attribute (for the audit record)."""
     values = (identifier.get(tag) or {}).get("Value") or []
@@ -722,7 +882,6 @@ def _matching_keywords(identifier: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def handlers(ctx: DimseContext, audit: DimseAudit | None = None) -> list[EventHandler]:
-    """``(event, handler)`` pairs for EVT_C_FIND / EVT_C_MOVE / EVT_C_GET, bound to ``ctx``."""
-    qr = QueryRetrieve(ctx, audit)
-    return [(evt.EVT_C_FIND, qr.on_find), (evt.EVT_C_MOVE, qr.on_move), (evt.EVT_C_GET, qr.on_get)]
+def handlers(qr: QueryRetrieve) -> list[EventHandler]:
+    """``(event, handler)`` pairs for EVT_C_FIND / EVT_C_GET (C-MOVE: :meth:`QueryRetrieve.gate_retrieves`)."""
+    return [(evt.EVT_C_FIND, qr.on_find), (evt.EVT_C_GET, qr.on_get)]

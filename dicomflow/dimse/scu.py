@@ -22,7 +22,7 @@ import shutil
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -151,7 +151,7 @@ class StoredInstance(Dataset):
     """Stands for an instance that goes to the peer exactly as stored (see :func:`send_stored`).
 
     It is a Dataset carrying only the SOP Class/Instance UIDs and the stored transfer syntax, because
-    pynetdicom's C-MOVE/C-GET sub-operation loop takes Datasets (and lists the SOP Instance UID of a
+    pynetdicom's C-GET sub-operation loop takes Datasets (and lists the SOP Instance UID of a
     failed one in the Failed SOP Instance UID List); the bytes are read from the blob when sent.
     """
 
@@ -193,18 +193,12 @@ def send_stored(original: Callable[..., Dataset], dataset: Dataset, *args: Any, 
     return original(dataset, *args, **kwargs)
 
 
-def route_stored_instances(assoc: Association, move_originator_ae: str | None = None) -> Callable[[], None]:
-    """Make ``assoc.send_c_store`` (called by pynetdicom's sub-operation loop) understand
-    :class:`StoredInstance`; returns the function that undoes it.
-
-    ``move_originator_ae`` replaces the Move Originator Application Entity Title pynetdicom puts in
-    C-MOVE sub-operations (its own AE title): PS3.7 9.1.1.1 wants the AE that invoked the C-MOVE.
-    """
+def route_stored_instances(assoc: Association) -> Callable[[], None]:
+    """Make ``assoc.send_c_store`` (called by pynetdicom's C-GET sub-operation loop) understand
+    :class:`StoredInstance`; returns the function that undoes it."""
     original = assoc.send_c_store
 
     def send(dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
-        if move_originator_ae is not None and kwargs.get("originator_aet") is not None:
-            kwargs["originator_aet"] = move_originator_ae
         return send_stored(original, dataset, *args, **kwargs)
 
     assoc.send_c_store = send  # type: ignore[method-assign,assignment]
@@ -302,7 +296,7 @@ class StoreScu:
 
     def send(self, node: RemoteNode, records: Sequence[InstanceRecord], *,
              is_cancelled: Callable[[], bool] | None = None,
-             move_originator: tuple[str, int] | None = None) -> Iterator[SubOperation]:
+             move_originator: tuple[str, int] | None = None) -> Generator[SubOperation, None, None]:
         """Send ``records`` to ``node``; yield one :class:`SubOperation` per instance, in order.
 
         An association that cannot be established fails every instance of its batch (detail says why);
@@ -348,6 +342,9 @@ def send_instance(assoc: Association, blobs: BlobStore, rec: InstanceRecord, *, 
         ds = load_for_peer(blobs, rec, accepted)
     except NotAcceptableError as exc:
         return SubOperation(rec.sop_uid, SubOperationOutcome.FAILED, detail=exc.detail)
+    except Exception as exc:  # a missing or unreadable blob fails its own sub-operation, not the others
+        logger.exception("C-STORE SCU: instance %s unreadable", rec.sop_uid)
+        return SubOperation(rec.sop_uid, SubOperationOutcome.FAILED, detail=f"unreadable: {type(exc).__name__}")
     sent_as = str(ds.file_meta.TransferSyntaxUID)
     originator_ae, originator_id = move_originator or (None, None)
     try:

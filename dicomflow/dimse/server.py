@@ -131,6 +131,7 @@ class DimseServer:
         self.audit = audit or DimseAudit(None, ctx.loop, ctx.settings.default_tenant, ctx.tenant_for_called_ae)
         self._ae: AE | None = None
         self._server: AssociationServer | None = None
+        self.qr = qr.QueryRetrieve(ctx, self.audit)
         self._assoc_ids = itertools.count(1)
         self._chunked_before = False
 
@@ -152,9 +153,9 @@ class DimseServer:
             (evt.EVT_C_STORE, partial(handle_store, ctx=ctx, audit=audit)),
         ]
         bound.extend(commitment.handlers(ctx, audit))
-        # Query/Retrieve (C-FIND / C-MOVE / C-GET) handlers live in dimse/qr.py; the presentation contexts
-        # they need are added by sop_classes.add_scp_contexts().
-        bound.extend(qr.handlers(ctx, audit))
+        # Query/Retrieve (C-FIND / C-GET) handlers live in dimse/qr.py, C-MOVE is served there by
+        # gate_retrieves (_on_conn_open); the presentation contexts are added by sop_classes.add_scp_contexts().
+        bound.extend(qr.handlers(self.qr))
         return bound
 
     def start(self) -> None:
@@ -218,6 +219,7 @@ class DimseServer:
         if assoc.is_acceptor:
             sock.recv = _PduGuard(sock, self.settings.max_pdu, assoc.name)  # type: ignore[method-assign]
             make_event_driven(assoc)
+            self.qr.gate_retrieves(assoc)
 
     def _on_requested(self, event: Event) -> None:
         """EVT_REQUESTED: accept or reject on the called and calling AE titles (PS3.8 7.1.1.3-4)."""

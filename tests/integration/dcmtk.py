@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -169,3 +170,30 @@ def stored(server: LiveServer) -> dict[str, bytes]:
     """SOP Instance UID -> the Part 10 bytes the server stored."""
     root = Path(urlparse(server.settings.storage_url).path)
     return {sop: (root / key).read_bytes() for _t, _s, _se, sop, key in store_state(server.settings).instances}
+
+
+def dimse_status(output: str) -> int:
+    """The DIMSE Status of the last response ``movescu -d`` / ``getscu -d`` printed."""
+    found = re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", output)
+    assert found, output
+    return int(found[-1], 16)
+
+
+def offending_element(output: str) -> str | None:
+    """The Offending Element (0000,0901) of the last response that had one, as ``gggg,eeee``."""
+    found = re.findall(r"\(0000,0901\) AT \(([0-9a-f]{4},[0-9a-f]{4})\)", output)
+    return str(found[-1]) if found else None
+
+
+#: identifiers a C-MOVE / C-GET SCP cannot serve (PS3.4 C.4.2.2.1 / C.4.3.2.1 unique keys), with the
+#: Offending Element (0000,0901) we name; Study Root model
+UNSERVABLE = [
+    (["QueryRetrieveLevel=STUDY"], "0020,000d"),  # no Study Instance UID
+    (["QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.*"], "0020,000d"),  # wild card in a unique key
+    (["QueryRetrieveLevel=FOO", "StudyInstanceUID=1.2.3"], "0008,0052"),  # no such level
+    (["QueryRetrieveLevel=PATIENT", "PatientID=PID-1"], "0008,0052"),  # not a level of the Study Root model
+    (["StudyInstanceUID=1.2.3"], "0008,0052"),  # no Query/Retrieve Level
+    (["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.3"], "0020,000e"),  # no Series Instance UID
+    (["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.3\\1.2.4", "SeriesInstanceUID=1.2.5"],
+     "0020,000d"),  # a higher unique key with two values
+]

@@ -13,7 +13,17 @@ from pydicom.uid import RLELossless, generate_uid
 
 from tests.conftest import LiveServer
 from tests.factory import make_dataset
-from tests.integration.dcmtk import dataset_bytes, dimse_server, run, stored, storescu, write_instances
+from tests.integration.dcmtk import (
+    UNSERVABLE,
+    dataset_bytes,
+    dimse_server,
+    dimse_status,
+    offending_element,
+    run,
+    stored,
+    storescu,
+    write_instances,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +121,18 @@ def test_get_nothing_for_another_tenant(live_server_factory: Any, tmp_path: Path
     assert len(list((tmp_path / "acme").iterdir())) == 1
 
 
+def test_identifier_we_cannot_serve_is_a900(live_server_factory: Any, tmp_path: Path) -> None:
+    """PS3.4 C.4.3.1.4: 0xA900 Identifier does not match SOP Class with the Offending Element and an Error
+    Comment, no sub-operation counted; the server goes on serving."""
+    ds = make_dataset()
+    server = dimse_server(live_server_factory, tmp_path)
+    storescu(server, write_instances(tmp_path / "in", [ds]))
+    for keys, offending in UNSERVABLE:
+        output = getscu(server, tmp_path / "refused", keys, extra=("-d",))
+        assert (dimse_status(output), offending_element(output)) == (0xA900, offending), output
+        assert re.search(r"\(0000,0902\) LO \[[^\]]+\]", output), output  # Error Comment
+        assert not re.search(r"(Completed|Failed|Warning) Suboperations\s*:\s*[1-9]", output), output
+    assert list((tmp_path / "refused").iterdir()) == []
+    output = getscu(server, tmp_path / "out", ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"])
+    assert _final(output) == "Success {'Remaining': '0', 'Completed': '1', 'Failed': '0', 'Warning': '0'}", output
+    assert [pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "out").iterdir()] == [ds.SOPInstanceUID]

@@ -18,10 +18,13 @@ from dicomflow.settings import RemoteNode, TenantSettings
 from tests.conftest import LiveServer
 from tests.factory import MR_IMAGE, make_dataset
 from tests.integration.dcmtk import (
+    UNSERVABLE,
     StoreScp,
     dataset_bytes,
     dimse_server,
+    dimse_status,
     free_port,
+    offending_element,
     run,
     stored,
     storescp,
@@ -189,15 +192,85 @@ def test_cancel_stops_sub_operations(live_server_factory: Any, tmp_path: Path) -
         assert 3 <= len(dest.wait_files(3, timeout=3)) < 60
 
 
-def test_bad_identifier_fails(live_server_factory: Any, tmp_path: Path) -> None:
+def test_identifier_we_cannot_serve_is_a900(live_server_factory: Any, tmp_path: Path) -> None:
+    """PS3.4 C.4.2.1.5: 0xA900 Identifier does not match SOP Class, with the Offending Element and an Error
+    Comment, before any sub-association; the server goes on serving."""
+    ds = make_dataset()
     with storescp(tmp_path / "recv", "DEST") as dest:
         server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
-        output = movescu(server, ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.3"])  # no Series UID
-        assert _final(output).startswith("Failed"), output
-        output = movescu(server, ["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.*",
-                                  "SeriesInstanceUID=1.2.3"])  # a wild card for a unique key
-        assert _final(output).startswith("Failed"), output
+        storescu(server, write_instances(tmp_path / "in", [ds]))
+        for keys, offending in UNSERVABLE:
+            output = movescu(server, keys, extra=("-d",))
+            assert (dimse_status(output), offending_element(output)) == (0xA900, offending), output
+            assert re.search(r"\(0000,0902\) LO \[[^\]]+\]", output), output  # Error Comment
         assert dest.files() == []
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ds.StudyInstanceUID}"])
+        assert _final(output) == "Success", output
+        assert [pydicom.dcmread(f).SOPInstanceUID for f in dest.wait_files(1)] == [ds.SOPInstanceUID]
+
+
+def test_refused_then_served_on_one_association(live_server_factory: Any, tmp_path: Path) -> None:
+    """movescu sends each query file on the same association: a refusal leaves it usable."""
+    ds = make_dataset()
+    bad, good = Dataset(), Dataset()
+    bad.QueryRetrieveLevel = "SERIES"
+    bad.StudyInstanceUID = ds.StudyInstanceUID  # no Series Instance UID
+    good.QueryRetrieveLevel = "STUDY"
+    good.StudyInstanceUID = ds.StudyInstanceUID
+    queries = []
+    for name, query in (("bad", bad), ("good", good)):
+        queries.append(tmp_path / f"{name}.dcm")
+        query.save_as(queries[-1], implicit_vr=False, little_endian=True)
+    with storescp(tmp_path / "recv", "DEST") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [ds]))
+        proc = run(["movescu", "-d", "-S", "-aec", "DICOMFLOW", "-aet", "MOVESCU", "-aem", "DEST", "127.0.0.1",
+                    str(server.settings.dimse.port), *map(str, queries)])
+        output = proc.stdout + proc.stderr
+        assert output.count("Requesting Association") == 1, output
+        statuses = [int(s, 16) for s in re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", output)]
+        assert statuses[0] == 0xA900 and statuses[-1] == 0x0000, output
+        assert len(dest.wait_files(1)) == 1
+
+
+def test_destination_refusing_the_association_fails_all_sub_operations(live_server_factory: Any,
+                                                                        tmp_path: Path) -> None:
+    """PS3.4 C.4.2.3.1: no association, no presentation context: every sub-operation failed, so the final
+    status is a Failure with the counts, 0xA702 (as dcmqrscp answers), not 0xA801 (an unknown destination)."""
+    study = generate_uid()
+    datasets = [make_dataset(study_uid=study, instance_number=n) for n in (1, 2)]
+    closed = free_port()  # nothing listens there
+    with storescp(tmp_path / "recv", "DEST", "--refuse") as refusing:
+        tenants = _tenants(refusing)
+        tenants["default"].remote_nodes["gone"] = RemoteNode(ae_title="GONE", host="127.0.0.1", port=closed)
+        server = dimse_server(live_server_factory, tmp_path, tenants=tenants)
+        storescu(server, write_instances(tmp_path / "in", datasets))
+        for dest in ("DEST", "GONE"):
+            output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], dest=dest,
+                             extra=("-d",))
+            assert dimse_status(output) == 0xA702, output
+            counts = dict(re.findall(r"(Completed|Failed|Warning) Suboperations\s*:\s*(\d+)", output))  # the last
+            assert (counts.get("Completed"), counts.get("Failed"), counts.get("Warning")) == ("0", "2", "0"), output
+            for ds in datasets:  # Failed SOP Instance UID List (PS3.4 C.4.2.1.4)
+                assert ds.SOPInstanceUID in output, output
+        assert refusing.files() == []
+
+
+def test_sub_association_calls_as_the_tenant_ae(live_server_factory: Any, tmp_path: Path) -> None:
+    """The destination sees the AE title the C-MOVE requestor called (the tenant's), the one it allow-lists."""
+    calls = tmp_path / "calls.txt"
+    a, b = make_dataset(), make_dataset(patient_id="PID-ACME")
+    with storescp(tmp_path / "recv", "DEST", "-xcr", f"echo #a #c >> {calls}", "-xs") as dest:
+        server = dimse_server(live_server_factory, tmp_path, tenants=_tenants(dest))
+        storescu(server, write_instances(tmp_path / "in", [a]))
+        storescu(server, write_instances(tmp_path / "in-acme", [b]), called="ACME")
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={a.StudyInstanceUID}"])
+        assert _final(output) == "Success", output
+        output = movescu(server, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={b.StudyInstanceUID}"],
+                         called="ACME")
+        assert _final(output) == "Success", output
+        dest.wait_files(2)
+    assert calls.read_text().split("\n")[:2] == ["DICOMFLOW DEST", "ACME DEST"]
 
 
 def test_retrieve_without_the_higher_unique_keys(live_server_factory: Any, tmp_path: Path) -> None:
