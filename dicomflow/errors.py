@@ -106,4 +106,4 @@ class PayloadTooLargeError(DicomServiceError):
 
 class MoveDestinationUnknownError(DicomServiceError):
     http_status = 400
-    dimse_status = 0xA801  # PS3.4 C.4.2.1.4 Move Destination Unknown
+    dimse_status = 0xA801  # PS3.4 C.4.2.1.5 Table C.4-2 Move Destination Unknown

@@ -35,7 +35,7 @@ EXPECTED: dict[str, tuple[int, int, bool]] = {
     "DuplicateInstanceError": (409, 0x0111, False),  # PS3.7 C.5 Duplicate SOP Instance
     "OutOfResourcesError": (503, 0xA700, True),  # PS3.4 B.2.3 Refused: Out of Resources
     "PayloadTooLargeError": (413, 0xA700, False),
-    "MoveDestinationUnknownError": (400, 0xA801, False),  # PS3.4 C.4.2.1.4 Move Destination Unknown
+    "MoveDestinationUnknownError": (400, 0xA801, False),  # PS3.4 C.4.2.1.5 Move Destination Unknown
 }
 
 
