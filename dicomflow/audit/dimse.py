@@ -173,17 +173,19 @@ class DimseAudit:
                                description=f"TLS handshake failed: {reason}"))
 
     def commitment(self, tenant: str, calling_ae: str, called_ae: str, source_ip: str | None, transaction: str,
-                   committed: int, failed: int, delivered: bool) -> None:
-        """A storage commitment transaction answered (PS3.4 J.3.3)."""
+                   committed: int, failed: int, delivered: bool, delivery: str | None = None) -> None:
+        """A storage commitment transaction answered (PS3.4 J.3.3); ``delivery`` names the queued delivery
+        ("<id> <status>") of a report not delivered at the first attempt."""
         if not self.enabled:
             return
         outcome = Outcome.SUCCESS if delivered and not failed else (
             Outcome.MINOR_FAILURE if delivered else Outcome.SERIOUS_FAILURE)
+        queued = f" (delivery {delivery})" if delivery else ""
         self._emit(AuditRecord(
             tenant=tenant, action=AuditAction.COMMIT, outcome=outcome, protocol="dimse", calling_ae=calling_ae,
             called_ae=called_ae, source_ip=source_ip,
             description=(f"storage commitment transaction={transaction}: {committed} committed, {failed} failed, "
-                         f"report {'delivered' if delivered else 'not delivered'}")))
+                         f"report {'delivered' if delivered else 'not delivered yet' + queued}")))
 
     # -- the loop side -----------------------------------------------------------------------------
 

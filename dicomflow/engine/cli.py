@@ -154,8 +154,9 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         error = f"  {r.last_error[:100]}" if r.last_error and r.status != "done" else ""
+        subject = r.event.study_uid or str(r.event.extra.get("transaction_uid", ""))  # commitment: Transaction UID
         sys.stdout.write(f"{r.id:>8} {r.status:<8} {r.attempts:>3} {r.tenant} {r.route}[{r.step}] "
-                         f"{r.action.get('type')}->{r.destination} {r.event.type.value} {r.event.study_uid}{error}\n")
+                         f"{r.action.get('type')}->{r.destination} {r.event.type.value} {subject}{error}\n")
     return 0
 
 

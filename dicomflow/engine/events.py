@@ -17,6 +17,9 @@ class EventType(StrEnum):
     INSTANCE_DELETED = "instance.deleted"
     SERIES_DELETED = "series.deleted"
     STUDY_DELETED = "study.deleted"
+    #: a storage commitment request (PS3.4 J.3.2) acknowledged by the DIMSE server; not a route event: it is
+    #: written to the outbox already routed, with its one delivery (:data:`COMMITMENT_REPORT`)
+    COMMITMENT_REQUESTED = "commitment.requested"
 
     @property
     def level(self) -> str:
@@ -25,6 +28,18 @@ class EventType(StrEnum):
     @property
     def is_deletion(self) -> bool:
         return self.value.endswith(".deleted")
+
+    @property
+    def is_route_event(self) -> bool:
+        """Whether routes may listen to it (internal events have deliveries of their own)."""
+        return self is not EventType.COMMITMENT_REQUESTED
+
+
+#: the route name (deliveries.route) of storage commitment reports: a kind of delivery queued by the DIMSE
+#: server itself, reserved (no route file may take the name)
+COMMITMENT_REPORT = "storage-commitment-report"
+#: their action type (deliveries.action): an N-EVENT-REPORT on an association to the requesting AE
+N_EVENT_REPORT = "n-event-report"
 
 
 @dataclass(frozen=True, slots=True)

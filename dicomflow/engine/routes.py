@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
-from dicomflow.engine.events import EventType
+from dicomflow.engine.events import COMMITMENT_REPORT, EventType
 from dicomflow.engine.yamlfile import parse_duration
 
 KEBAB_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -183,6 +183,21 @@ class Route(_Strict):
     source: SourceMatch | None = None
     actions: list[Action] = Field(min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == COMMITMENT_REPORT:
+            raise ValueError(f"{value!r} is reserved for storage commitment reports")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _route_events(cls, value: list[EventType]) -> list[EventType]:
+        internal = [e.value for e in value if not e.is_route_event]
+        if internal:
+            raise ValueError(f"{', '.join(internal)} is not an event routes can listen to")
+        return value
+
     @field_validator("match")
     @classmethod
     def _known_attributes(cls, value: dict[str, Condition]) -> dict[str, Condition]:
@@ -202,5 +217,8 @@ class Route(_Strict):
 
 def route_json_schema() -> dict[str, Any]:
     schema = Route.model_json_schema(by_alias=True)
+    events = schema.get("$defs", {}).get("EventType", {})
+    if "enum" in events:  # internal events are not offered to route authors
+        events["enum"] = [e.value for e in EventType if e.is_route_event]
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

@@ -9,6 +9,7 @@ two processes never claim the same row either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -63,6 +64,8 @@ class DeliveryRow:
             "destination": self.destination, "status": self.status, "attempts": self.attempts,
             "next_attempt_at": self.next_attempt_at, "last_error": self.last_error, "outcome": self.outcome,
             "created_at": self.created_at, "updated_at": self.updated_at,
+            **({"transaction_uid": self.event.extra["transaction_uid"]}
+               if "transaction_uid" in self.event.extra else {}),
         }
 
 
@@ -220,6 +223,34 @@ class EngineStore:
         return emitted
 
     # -- deliveries ----------------------------------------------------------------------------------
+
+    async def add_delivery(self, event: Event, route: str, action: dict[str, Any], destination: str, *,
+                           claimed_by: str, lease: float) -> DeliveryRow:
+        """Queue a delivery that the server makes itself, outside any route (a storage commitment report).
+
+        One transaction: the event is appended to the outbox as already routed (``done_at`` set: routes
+        never see it) and its delivery is created pending, claimed by ``claimed_by`` for ``lease`` seconds
+        with its first attempt counted. The caller makes that attempt at once and records it with
+        :meth:`succeed` or :meth:`fail`; should it die first, a worker takes the delivery over when the
+        lease has run out, as after any worker's crash.
+        """
+        now = time.time()
+        ob, d = t.outbox, t.deliveries
+        payload = {k: v for k, v in event.as_dict().items() if k not in ("id", "created_at")}
+        async with self.index.transaction() as conn:
+            outbox_id = (await conn.execute(ob.insert().values(
+                tenant=event.tenant, event=event.type.value, study_uid=event.study_uid or None,
+                series_uid=event.series_uid, sop_uid=event.sop_uid, payload_json=json.dumps(payload),
+                created_at=now, done_at=now).returning(ob.c.id))).scalar_one()
+            stored = dataclasses.replace(event, id=outbox_id, created_at=now)
+            row = (await conn.execute(d.insert().values(
+                tenant=event.tenant, outbox_id=outbox_id, event=event.type.value, route=route, step=0,
+                action=str(action["type"]), destination=destination, study_uid=event.study_uid or None,
+                series_uid=event.series_uid, sop_uid=event.sop_uid, event_json=json.dumps(stored.as_dict()),
+                action_json=json.dumps(action), status=Status.PENDING, attempts=1, next_attempt_at=now,
+                claimed_by=claimed_by, claimed_until=now + lease, created_at=now, updated_at=now)
+                .returning(*d.c))).one()
+        return _row(row._mapping)
 
     async def claim(self, worker: str, lease: float, free: dict[str, int], limit: int) -> list[DeliveryRow]:
         """Claim due deliveries, at most ``free[destination]`` per destination (destinations not in

@@ -3,7 +3,9 @@
 It runs inside ``dicomflow serve`` (started from the app's cleanup context) or alone as ``dicomflow
 worker``; several may run against one PostgreSQL index. Nothing is held only in memory: a delivery is a
 row claimed for a lease, so after a crash (kill -9 included) another pass takes it over once the lease
-has run out. Ingest never waits for any of this.
+has run out. Ingest never waits for any of this. The same queue carries storage commitment reports
+(route ``storage-commitment-report``) that the DIMSE server queued and could not deliver at once; they go
+to a tenant's remote node (connectors/commitment.py), not to a routing destination.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from dicomflow.connectors.auth import TokenCache
-from dicomflow.connectors.base import Connector, DeliveryError, DeliveryJob
+from dicomflow.connectors.base import Connector, DeliveryError, DeliveryJob, Outcome
 from dicomflow.engine.config import RouteSet, fingerprint, load_route_set
 from dicomflow.engine.context import EngineContext
+from dicomflow.engine.events import N_EVENT_REPORT
 from dicomflow.engine.metrics import EngineMetrics
 from dicomflow.engine.store import DeliveryRow, EngineStore, Status
 from dicomflow.engine.yamlfile import ConfigFileError, Problem
@@ -59,6 +62,8 @@ class RoutingEngine:
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._connectors: dict[str, Connector] = {}
+        #: deliveries the server queues itself, outside routes (action type -> sender of one row)
+        self._own: dict[str, Callable[[DeliveryRow], Awaitable[Outcome]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -66,6 +71,7 @@ class RoutingEngine:
         self._session = aiohttp.ClientSession()
         ctx = EngineContext(self.settings, self.index, self.store, self.blobs, self.offloader, self._session,
                             TokenCache(self._session), lambda: self.routes)
+        from dicomflow.connectors.commitment import CommitmentReportConnector
         from dicomflow.connectors.dicom import DicomConnector
         from dicomflow.connectors.dicomweb import DicomwebConnector
         from dicomflow.connectors.fhir import FhirConnector
@@ -73,6 +79,7 @@ class RoutingEngine:
 
         self._connectors = {"fhir": FhirConnector(ctx), "dicomweb": DicomwebConnector(ctx),
                             "dicom": DicomConnector(ctx), "webhook": WebhookConnector(ctx)}
+        self._own = {N_EVENT_REPORT: CommitmentReportConnector(ctx).deliver}
         self.reload()
         self._tasks = [asyncio.create_task(self._guard(self._dispatch_loop), name="routing-dispatch"),
                        asyncio.create_task(self._guard(self._deliver_loop), name="routing-deliver"),
@@ -222,10 +229,13 @@ class RoutingEngine:
             self._inflight.pop(row.id, None)
 
     async def _attempt(self, row: DeliveryRow) -> str:
+        kind = str(row.action.get("type"))
+        own = self._own.get(kind)
+        if own is not None:  # storage commitment report: to a tenant's remote node, not a routing destination
+            return (await own(row)).detail
         dest = self.settings.routing.destinations.get(row.destination)
         if dest is None:
             raise DeliveryError(f"destination {row.destination!r} is no longer configured", retryable=False)
-        kind = str(row.action.get("type"))
         connector = self._connectors.get(kind)
         if connector is None:
             raise DeliveryError(f"unknown action type {kind!r}", retryable=False)

@@ -7,8 +7,13 @@ wrote); the instances themselves are stored with dcmtk storescu.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,11 +28,12 @@ from dicomflow.app import create_app
 from dicomflow.appkeys import BLOBS, INDEX, INGEST, OFFLOADER
 from dicomflow.dimse import commitment
 from dicomflow.dimse.bridge import DimseContext
+from dicomflow.index.sql import SqlIndexStore
 from dicomflow.model import Protocol, Source
-from dicomflow.settings import RemoteNode, TenantSettings
-from tests.conftest import free_port, make_settings
+from dicomflow.settings import RemoteNode, Settings, TenantSettings
+from tests.conftest import LiveServer, _run_server, free_port, make_settings
 from tests.factory import make_dataset, to_bytes
-from tests.integration.dimse_peer import dcmtk, dimse_port, start
+from tests.integration.dimse_peer import dcmtk, dimse_port, dimse_settings, start
 
 pytestmark = pytest.mark.integration
 
@@ -152,12 +158,12 @@ def test_bad_commitment_requests(live_server_factory: Any, tmp_path: Path) -> No
         assoc.release()
 
 
-def _modality_scp(reports: Reports) -> tuple[Any, int]:
+def _modality_scp(reports: Reports, port: int | None = None) -> tuple[Any, int]:
     """The modality's own listener, where a report on a new association arrives (PS3.4 J.3.3)."""
     ae = AE(ae_title="MODALITY")
     # we (the archive) propose the SCP role on that association; the modality accepts it
     ae.add_supported_context(PUSH_MODEL, uid.ImplicitVRLittleEndian, scu_role=False, scp_role=True)
-    port = free_port()
+    port = port or free_port()
     scp = ae.start_server(("127.0.0.1", port), block=False,
                           evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["new"])])
     return scp, port
@@ -189,12 +195,15 @@ async def _report_after_release(aiohttp_client: Any, tmp_path: Path, port: int, 
         spool.discard()
         ctx = DimseContext(loop=asyncio.get_running_loop(), settings=settings, index=app[INDEX], blobs=app[BLOBS],
                            ingest=ingest, offloader=app[OFFLOADER])
-        released = SimpleNamespace(is_established=False, name="dimse-test", requestor=SimpleNamespace(
-            primitive=SimpleNamespace(called_ae_title="DICOMFLOW", calling_ae_title="MODALITY")))
+        released = SimpleNamespace(is_established=False, name="dimse-test")
         transaction = uid.generate_uid()
-        ok = await asyncio.to_thread(commitment.report, ctx, released, "default", transaction,
-                                     [(CT, ds.SOPInstanceUID), (CT, uid.generate_uid())])
-        assert ok
+        request = commitment.CommitmentRequest("default", transaction,
+                                               ((CT, ds.SOPInstanceUID), (CT, uid.generate_uid())),
+                                               "MODALITY", "DICOMFLOW")
+        report = await commitment.look_up(ctx.index, request)
+        outcome = await asyncio.to_thread(commitment._report_on_requesting_association, ctx, released, request,
+                                          report)
+        assert outcome == "reported on a new association to MODALITY: 1 committed, 1 failed"
     finally:
         await runner.cleanup()
     assert reports.arrived.wait(5)
@@ -219,15 +228,218 @@ def test_requestor_releasing_at_once_still_gets_exactly_one_report(live_server_f
         ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])])
-        status, _ = assoc.send_n_action(_request(uid.generate_uid(), [(CT, sops[0])]), 1, PUSH_MODEL,
-                                        PUSH_INSTANCE)
+        transaction = uid.generate_uid()
+        status, _ = assoc.send_n_action(_request(transaction, [(CT, sops[0])]), 1, PUSH_MODEL, PUSH_INSTANCE)
         assert status.Status == 0x0000
         assoc.release()
         assert reports.arrived.wait(15)
-        time.sleep(1.0)
+        done = _poll(lambda: _delivery(server, transaction, status="done"), what="the delivery done")
+        assert done["attempts"] == 1  # one report: the delivery is done, nothing will send it again
     finally:
         scp.shutdown()
     assert len(reports.items) == 1
     event_type, _, where = reports.items[0]
     assert event_type == 1
     assert where == "new"  # it released at once: the report came on an association we opened
+
+
+# -- durable reports: the routing engine's delivery queue (engine/store.py add_delivery) ------------------------
+
+
+def _poll(check: Callable[[], Any], within: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _deliveries(server: LiveServer) -> list[dict[str, Any]]:
+    """What an operator sees at /admin/deliveries (authentication is off in these tests)."""
+    url = f"{server.url}/admin/deliveries?route=storage-commitment-report"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        rows: list[dict[str, Any]] = json.loads(resp.read())
+    return rows
+
+
+def _delivery(server: LiveServer, transaction: str, **expected: Any) -> dict[str, Any] | None:
+    rows = [r for r in _deliveries(server) if r.get("transaction_uid") == transaction]
+    assert len(rows) <= 1
+    if rows and all(rows[0][k] == v for k, v in expected.items()):
+        return rows[0]
+    return None
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def index_override(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings overrides for the index backend under test (PostgreSQL: schema created as `db upgrade` does)."""
+    if request.param == "sqlite":
+        return {}
+    url: str = request.getfixturevalue("pg_url")
+
+    async def create() -> None:
+        await (await SqlIndexStore.open(url, create_schema=True)).close()
+
+    asyncio.run(create())
+    return {"index": url}
+
+
+def _durable_settings(tmp_path: Path, modality_port: int, index_override: dict[str, str]) -> Settings:
+    tenants = {"default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={
+        "modality": RemoteNode(ae_title="MODALITY", host="127.0.0.1", port=modality_port)})}
+    # short back-off: retries every 0.1-0.3 s; attempts enough never to become a dead letter here
+    routing = {"poll_interval": 0.05, "backoff_initial": 0.1, "backoff_max": 0.3, "max_attempts": 10000}
+    return dimse_settings(tmp_path, tenants=tenants, routing=routing, **index_override)
+
+
+def _store_datasets(server: LiveServer, tmp_path: Path, count: int) -> list[Dataset]:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    datasets = [make_dataset(instance_number=i + 1) for i in range(count)]
+    for i, ds in enumerate(datasets):
+        (folder / f"{i}.dcm").write_bytes(to_bytes(ds))
+    result = dcmtk("storescu", "+sd", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1",
+                   str(dimse_port(server)), str(folder))
+    assert result.returncode == 0, result.stderr
+    return datasets
+
+
+def _request_and_release(server: LiveServer, transaction: str, refs: list[tuple[str, str]],
+                         reports: Reports) -> dict[str, Any]:
+    """N-ACTION from a pynetdicom modality, then release at once; returns the delivery as recorded when
+    the N-ACTION response arrived (before the release)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])])
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(_request(transaction, refs), 1, PUSH_MODEL, PUSH_INSTANCE)
+        assert status.Status == 0x0000
+        # acknowledged, hence already durable: no waiting
+        recorded = _delivery(server, transaction)
+    finally:
+        assoc.release()
+    assert recorded is not None, "the N-ACTION was acknowledged before its delivery was recorded"
+    return recorded
+
+
+class StoppableServer:
+    """A live server (HTTP + DIMSE + routing worker) that the test stops, as conftest's does at teardown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self._stop = threading.Event()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=_run_server, args=(settings, self.port, ready, self._stop),
+                                        daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("server did not start")
+        self.live = LiveServer(settings, self.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+
+def _wait_pending_with_attempt(server: LiveServer, transaction: str) -> dict[str, Any]:
+    row = _poll(lambda: _delivery(server, transaction, status="pending") if any(
+        r.get("transaction_uid") == transaction and r["last_error"] for r in _deliveries(server)) else None,
+        what="a failed attempt recorded on the pending delivery")
+    assert row["attempts"] >= 1
+    assert row["destination"] == "MODALITY" and row["action"] == "n-event-report"
+    assert "association to MODALITY at 127.0.0.1" in row["last_error"]
+    return row
+
+
+def test_report_to_a_modality_that_is_down_is_retried_until_it_is_back(
+        live_server_factory: Any, tmp_path: Path, index_override: dict[str, str]) -> None:
+    """PS3.4 J.3.3.1.2: the modality released after the N-ACTION and its SCP is down: the report waits in
+    the delivery queue, retried with the routing back-off, and arrives once the SCP is up, built from the
+    index as it is then (an instance deleted meanwhile is failed with 0x0112)."""
+    modality_port = free_port()  # nothing listens there yet
+    settings = _durable_settings(tmp_path, modality_port, index_override)
+    server = live_server_factory(settings)
+    datasets = _store_datasets(server, tmp_path, 3)
+    kept, deleted = datasets[:2], datasets[2]
+    transaction, missing = uid.generate_uid(), uid.generate_uid()
+    refs = [(CT, ds.SOPInstanceUID) for ds in datasets] + [(CT, missing)]
+    reports = Reports()
+
+    recorded = _request_and_release(server, transaction, refs, reports)
+    assert recorded["status"] == "pending" and recorded["event"] == "commitment.requested"
+
+    pending = _wait_pending_with_attempt(server, transaction)
+    assert reports.items == []
+    # operators see it with the same CLI as route deliveries
+    listed = subprocess.run([sys.executable, "-m", "dicomflow", "deliveries", "list", "--index", settings.index_url,
+                             "--route", "storage-commitment-report", "--json"], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert [(r["id"], r["transaction_uid"]) for r in json.loads(listed.stdout)] == [(pending["id"], transaction)]
+
+    # deleted between the request and the report
+    req = urllib.request.Request(f"{server.dicomweb}/studies/{deleted.StudyInstanceUID}/series/"
+                                 f"{deleted.SeriesInstanceUID}/instances/{deleted.SOPInstanceUID}", method="DELETE")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status in (200, 202, 204)
+
+    scp, _ = _modality_scp(reports, modality_port)
+    try:
+        assert reports.arrived.wait(15), "no report within the retry window once the modality was back"
+        done = _poll(lambda: _delivery(server, transaction, status="done"), what="the delivery done")
+    finally:
+        scp.shutdown()
+    assert len(reports.items) == 1
+    event_type, info, where = reports.items[0]
+    assert where == "new" and event_type == 2
+    assert info.TransactionUID == transaction
+    assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == sorted(
+        ds.SOPInstanceUID for ds in kept)
+    failed = {i.ReferencedSOPInstanceUID: int(i.FailureReason) for i in info.FailedSOPSequence}
+    assert failed == {deleted.SOPInstanceUID: 0x0112, missing: 0x0112}  # PS3.3 C.14.1.1 no such object instance
+    assert done["attempts"] > pending["attempts"] >= 1
+    assert done["outcome"] == "reported on a new association to MODALITY: 2 committed, 2 failed"
+
+
+def test_acknowledged_request_survives_a_server_restart(tmp_path: Path, index_override: dict[str, str]) -> None:
+    """The server stops after acknowledging the N-ACTION and before the report is delivered; another
+    server on the same database delivers it."""
+    modality_port = free_port()
+    settings = _durable_settings(tmp_path, modality_port, index_override)
+    first = StoppableServer(settings)
+    try:
+        datasets = _store_datasets(first.live, tmp_path, 2)
+        transaction = uid.generate_uid()
+        reports = Reports()
+        _request_and_release(first.live, transaction, [(CT, ds.SOPInstanceUID) for ds in datasets], reports)
+        before = _wait_pending_with_attempt(first.live, transaction)
+    finally:
+        first.stop()
+    assert reports.items == []
+
+    scp, _ = _modality_scp(reports, modality_port)
+    second: StoppableServer | None = None
+    try:
+        second = StoppableServer(settings)
+        assert reports.arrived.wait(15), "the restarted server did not deliver the report"
+        done = _poll(lambda: _delivery(second.live, transaction, status="done") if second else None,
+                     what="the delivery done")
+    finally:
+        if second is not None:
+            second.stop()
+        scp.shutdown()
+    assert len(reports.items) == 1
+    event_type, info, where = reports.items[0]
+    assert where == "new" and event_type == 1
+    assert info.TransactionUID == transaction
+    assert sorted(i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence) == sorted(
+        ds.SOPInstanceUID for ds in datasets)
+    assert "FailedSOPSequence" not in info
+    assert done["id"] == before["id"] and done["attempts"] > before["attempts"]
