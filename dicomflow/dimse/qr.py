@@ -610,6 +610,9 @@ class QueryRetrieve:
         except DicomServiceError as exc:
             logger.error("%s failed assoc=%s: %s", service, assoc.name, exc.detail)
             _respond(assoc, req, context, _status(UNABLE_TO_PROCESS, exc.detail))
+        except Exception:  # runs on the association's reactor thread: a fault must not end it
+            logger.exception("%s failed assoc=%s", service, assoc.name)
+            _respond(assoc, req, context, _status(UNABLE_TO_PROCESS, "internal error"))
         return None
 
     async def _collect(self, tenant: str, query: Any, level: Level) -> list[InstanceRecord]:
@@ -695,10 +698,11 @@ class QueryRetrieve:
         if not assoc.is_established:  # PS3.4 C.4.2.3.1 Note 2: no final response is possible
             logger.info("C-MOVE assoc=%s tenant=%s: requestor gone", assoc.name, tenant)
             return
+        logger.info("C-MOVE assoc=%s tenant=%s to %s: completed=%d failed=%d warning=%d%s", assoc.name, tenant,
+                    node.ae_title, counts.completed, counts.failed, counts.warning, " (cancelled)" if cancelled else "")
         # PS3.4 C.4.2.3.1: Success when all completed, Warning when some failed or warned, Failure when all
         # failed (a destination that refuses the association fails them all): 0xA702, as dcmqrscp answers.
         if cancelled:
-            logger.info("C-MOVE cancelled assoc=%s tenant=%s", assoc.name, tenant)
             _respond(assoc, req, context, CANCEL, counts=counts, failed=failed)
         elif not counts.failed and not counts.warning:
             _respond(assoc, req, context, SUCCESS, counts=counts)
