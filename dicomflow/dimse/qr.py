@@ -25,7 +25,8 @@ C-MOVE / C-GET
     C.4.3.1.4 Table C.4-3): 0xA801 for a C-MOVE destination that is not one of the tenant's
     ``remote_nodes``; 0xA900 with the Offending Element and an Error Comment for an identifier we cannot
     serve (Query/Retrieve Level missing or not a level of the model, the retrieve level's unique key
-    missing or with wild cards, a higher unique key with several values); 0xA701 when the index does not
+    missing or with wild cards, a higher unique key with several values, a unique key with a value below
+    the retrieve level; other attributes are ignored); 0xA701 when the index does not
     answer; 0xC000 for an undecodable identifier or more than 65535 instances (the counters are US).
     pynetdicom 3.0.4's C-MOVE/C-GET loops cannot send a failure before the sub-operations (they would
     answer 0xC514 / 0xC413), so :meth:`QueryRetrieve.gate_retrieves` takes these requests off the
@@ -574,6 +575,12 @@ class QueryRetrieve:
         own = [str(v).strip() for v in (identifier.get(own_tag) or {}).get("Value") or [] if str(v).strip()]
         if not own or any("*" in v or "?" in v for v in own):
             raise _Refused(IDENTIFIER_DOES_NOT_MATCH, f"unique key {own_tag} needs one or more values", own_tag)
+        for lower in levels[levels.index(level) + 1:]:
+            # PS3.4 C.4.2.1.4.1 / C.4.3.1.3.1: unique keys of the levels above and at the retrieve level only;
+            # ignoring one below would send more than was asked for (dcmqrscp refuses it the same way)
+            if (identifier.get(UNIQUE_KEY[lower]) or {}).get("Value"):
+                raise _Refused(IDENTIFIER_DOES_NOT_MATCH, f"unique key {UNIQUE_KEY[lower]} is below the "
+                               f"{level.value} level", UNIQUE_KEY[lower])
 
         def key(lvl: Level, values: list[str]) -> dict[str, Any]:
             return {"vr": "LO" if lvl is Level.PATIENT else "UI", "Value": values}

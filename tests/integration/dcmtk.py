@@ -196,4 +196,6 @@ UNSERVABLE = [
     (["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.3"], "0020,000e"),  # no Series Instance UID
     (["QueryRetrieveLevel=SERIES", "StudyInstanceUID=1.2.3\\1.2.4", "SeriesInstanceUID=1.2.5"],
      "0020,000d"),  # a higher unique key with two values
+    (["QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.3", "SOPInstanceUID=1.2.4"],
+     "0008,0018"),  # a unique key below the level
 ]
