@@ -8,9 +8,16 @@ Transaction UID and the instances' state now.
 
 from __future__ import annotations
 
-from dicomflow.connectors.base import Outcome
+import asyncio
+import concurrent.futures
+from typing import TYPE_CHECKING
+
+from dicomflow.connectors.base import DeliveryError, Outcome
 from dicomflow.engine.context import EngineContext
 from dicomflow.engine.store import DeliveryRow
+
+if TYPE_CHECKING:
+    from dicomflow.dimse.commitment import Report
 
 
 class CommitmentReportConnector:
@@ -21,5 +28,14 @@ class CommitmentReportConnector:
         from dicomflow.dimse.commitment import CommitmentRequest, look_up, send_on_new_association
 
         request = CommitmentRequest.from_event(row.event)
-        report = await look_up(self.ctx.index, request)
-        return Outcome(await self.ctx.offloader.run(send_on_new_association, self.ctx.settings, request, report))
+        loop = asyncio.get_running_loop()
+        timeout = self.ctx.settings.dimse.dimse_timeout
+
+        def report_now() -> Report:  # on the offloader thread, once the association is established
+            try:
+                return asyncio.run_coroutine_threadsafe(look_up(self.ctx.index, request), loop).result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise DeliveryError("index lookup timed out", retryable=True) from None
+
+        return Outcome(await self.ctx.offloader.run(send_on_new_association, self.ctx.settings, request,
+                                                    report_now))

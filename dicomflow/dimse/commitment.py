@@ -11,8 +11,9 @@ cannot lose the request.
 The report is an N-EVENT-REPORT (PS3.4 J.3.3.1: Event Type ID 1 all committed, 2 some failed) carrying
 the request's Transaction UID and every referenced instance, either in the Referenced SOP Sequence or in
 the Failed SOP Sequence with a Failure Reason (PS3.4 J.3.3.1.2; values in PS3.3 C.14.1.1). It is built
-from the index each time it is sent, not when the request arrives: an instance deleted between request
-and report is reported failed with 0x0112 (no such object instance), never as committed.
+from the index each time it is sent, not when the request arrives (on a new association: once the
+association is established, right before the N-EVENT-REPORT): an instance deleted between request and
+report is reported failed with 0x0112 (no such object instance), never as committed.
 
 Delivery. The server holds the delivery's claim and makes the first attempt at once: on the requesting
 association while it is open (after a short grace for a requestor that releases), else on a new
@@ -39,6 +40,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -254,12 +256,16 @@ def _check_answer(code: int | None, peer: str) -> None:
 def _first_attempt(ctx: DimseContext, queue: EngineStore, assoc: Association, request: CommitmentRequest,
                    row: DeliveryRow, host: str, audit: DimseAudit | None) -> None:
     """The server's attempt (attempt 1 of the delivery), recorded like a worker's."""
-    report: Report | None = None
+    built: list[Report] = []
+
+    def report_now() -> Report:
+        built.append(ctx.run(look_up(ctx.index, request)))
+        return built[-1]
+
     error: DeliveryError | None = None
     detail = ""
     try:
-        report = ctx.run(look_up(ctx.index, request))
-        detail = _report_on_requesting_association(ctx, assoc, request, report)
+        detail = _report_on_requesting_association(ctx, assoc, request, report_now)
     except DeliveryError as exc:
         error = exc
     except Exception as exc:  # a bug must not leave the delivery claimed until the lease runs out
@@ -286,18 +292,22 @@ def _first_attempt(ctx: DimseContext, queue: EngineStore, assoc: Association, re
         logger.warning("storage commitment delivery=%d tenant=%s transaction=%s not reported (%s): %s", row.id,
                        request.tenant, request.transaction, state, error.summary)
     if audit is not None:
-        committed, failed = (report.committed, report.failed) if report is not None else (0, len(request.refs))
+        committed, failed = (built[-1].committed, built[-1].failed) if built else (0, len(request.refs))
         audit.commitment(request.tenant, request.calling_ae, request.called_ae, host, request.transaction,
                          committed, failed, error is None, delivery=None if error is None else f"{row.id} {state}")
 
 
 def _report_on_requesting_association(ctx: DimseContext, assoc: Association, request: CommitmentRequest,
-                                      report: Report) -> str:
-    """Report on the requesting association while it is open and idle, else on a new one."""
+                                      report_now: Callable[[], Report]) -> str:
+    """Report on the requesting association while it is open and idle, else on a new one.
+
+    ``report_now`` looks the instances up (blocking) and is called right before each send.
+    """
     # A modality that wants the report on a new association releases right after the N-ACTION response
     # (pynetdicom, for one, ignores an N-EVENT-REPORT that arrives while it releases): give it a moment.
     time.sleep(RELEASE_GRACE)
     if assoc.is_established and assoc.dul.state_machine.current_state == "Sta6":  # PS3.8 9.2: idle
+        report = report_now()
         previous = assoc.dimse_timeout
         assoc.dimse_timeout = min(previous or SAME_ASSOCIATION_WAIT, SAME_ASSOCIATION_WAIT)
         try:
@@ -312,7 +322,7 @@ def _report_on_requesting_association(ctx: DimseContext, assoc: Association, req
             _check_answer(int(code), f"{request.calling_ae} on {assoc.name}")
             return f"reported on the requesting association {assoc.name}: {report.summary()}"
         logger.info("storage commitment: no answer on assoc=%s, reporting on a new association", assoc.name)
-    return send_on_new_association(ctx.settings, request, report)
+    return send_on_new_association(ctx.settings, request, report_now)
 
 
 def _nodelay(event: DimseEvent) -> None:
@@ -321,10 +331,12 @@ def _nodelay(event: DimseEvent) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def send_on_new_association(settings: Settings, request: CommitmentRequest, report: Report) -> str:
+def send_on_new_association(settings: Settings, request: CommitmentRequest,
+                            report_now: Callable[[], Report]) -> str:
     """PS3.4 J.3.3.1.2: open an association to the requesting AE (a remote node of the tenant), report.
 
-    Blocking. Returns the outcome kept with the delivery; raises
+    Blocking. ``report_now`` builds the report from the index once the association is established, so
+    the report is as fresh as it can be. Returns the outcome kept with the delivery; raises
     :class:`~dicomflow.connectors.base.DeliveryError` (retryable or not) when the report was not acknowledged.
     """
     tenant = settings.tenants.get(request.tenant)
@@ -348,6 +360,7 @@ def send_on_new_association(settings: Settings, request: CommitmentRequest, repo
         how = "rejected" if assoc.is_rejected else "not connected or aborted"
         raise DeliveryError(f"association to {peer} failed ({how})", retryable=True)
     try:
+        report = report_now()
         status, _ = assoc.send_n_event_report(report.info, report.event_type, STORAGE_COMMITMENT_PUSH_MODEL,
                                               STORAGE_COMMITMENT_INSTANCE, msg_id=1)
     except ValueError as exc:  # no accepted context with our SCP role: the peer does not take reports

@@ -200,9 +200,8 @@ async def _report_after_release(aiohttp_client: Any, tmp_path: Path, port: int, 
         request = commitment.CommitmentRequest("default", transaction,
                                                ((CT, ds.SOPInstanceUID), (CT, uid.generate_uid())),
                                                "MODALITY", "DICOMFLOW")
-        report = await commitment.look_up(ctx.index, request)
         outcome = await asyncio.to_thread(commitment._report_on_requesting_association, ctx, released, request,
-                                          report)
+                                          lambda: ctx.run(commitment.look_up(ctx.index, request)))
         assert outcome == "reported on a new association to MODALITY: 1 committed, 1 failed"
     finally:
         await runner.cleanup()
@@ -389,6 +388,12 @@ def test_report_to_a_modality_that_is_down_is_retried_until_it_is_back(
                                  f"{deleted.SeriesInstanceUID}/instances/{deleted.SOPInstanceUID}", method="DELETE")
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status in (200, 202, 204)
+    # an attempt in flight may have looked the instances up before the delete: start the SCP only once an
+    # attempt claimed after it exists (attempts are counted when claimed, one at a time per delivery)
+    seen = _delivery(server, transaction)
+    assert seen is not None
+    _poll(lambda: _delivery(server, transaction, status="pending") if (_delivery(server, transaction) or {}).get(
+        "attempts", 0) > seen["attempts"] else None, what="an attempt after the delete")
 
     scp, _ = _modality_scp(reports, modality_port)
     try:
