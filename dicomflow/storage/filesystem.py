@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator
@@ -32,20 +33,49 @@ class FilesystemBlobStore:
     def __init__(self, root: Path, offloader: Offloader) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_prefix = str(self.root) + os.sep
         self._off = offloader
+        #: folders known to exist with their entries durable: no mkdir or parent fsync for them again
+        self._made: set[str] = set()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root not in path.parents:
+        # Lexical, not resolve(): keys are ours (new_blob_key) and nothing here creates symlinks; this
+        # still refuses a key that climbs out of the root, without a stat per path component.
+        path = os.path.normpath(os.path.join(self.root, key))
+        if not path.startswith(self._root_prefix):
             raise NotFoundError("no such blob")
-        return path
+        return Path(path)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` and its missing parents, fsyncing each parent that got a new entry, so
+        that the blob's path survives a crash and not only its file (rename(2) + fsync of one folder
+        does not make a folder created just before durable)."""
+        if str(directory) in self._made:
+            return
+        missing: list[Path] = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # a concurrent put made it
+                d.mkdir()
+            _fsync_dir(d.parent)
+        self._made.add(str(directory))
 
     def _put(self, key: str, src: Path) -> None:
         dst = self._path(key)
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(dst.parent)
             try:
-                os.replace(src, dst)
+                try:
+                    os.replace(src, dst)
+                except FileNotFoundError:
+                    if not src.exists():
+                        raise
+                    self._made.discard(str(dst.parent))  # the folder went away under us (an operator?)
+                    self._make_dirs(dst.parent)
+                    os.replace(src, dst)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
