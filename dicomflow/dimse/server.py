@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationServer, AssociationSocket
@@ -165,6 +166,11 @@ class DimseServer:
         # store.py handles both modes, so another server in the same process (tests) may flip it back.
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # ... and that temporary file goes to the ingest spool folder, not /tmp: often a tmpfs (the data set
+        # would sit in RAM after all), and on the blob store's filesystem the spool adopts it with a rename
+        # instead of a copy (store.py). pynetdicom 3.0.4 looks the name up in its module at each C-STORE.
+        dimse_messages.NamedTemporaryFile = partial(  # type: ignore[assignment,attr-defined]
+            tempfile.NamedTemporaryFile, dir=self.ctx.ingest.spool_dir)
         # STYLE 2.6: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO by default (patient data).
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -195,6 +201,7 @@ class DimseServer:
             self._ae = None
             self._server = None
             _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+            dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore[attr-defined]
 
     def _on_conn_open(self, event: Event) -> None:
         assoc = event.assoc

@@ -39,7 +39,6 @@ from dicomflow.model import Protocol, Source
 
 logger = logging.getLogger(__name__)
 
-_COPY_CHUNK = 1 << 20
 _SOP_CLASS = Tag(0x00080016)
 _SOP_INSTANCE = Tag(0x00080018)
 
@@ -119,9 +118,7 @@ def _fill_spool(event: Event, spool: Spool) -> None:
     req = event.request
     path = getattr(req, "_dataset_path", None)
     if isinstance(path, Path):
-        with open(path, "rb") as src:
-            while chunk := src.read(_COPY_CHUNK):
-                spool.write_sync(chunk)
+        spool.adopt_sync(path)
     else:  # STORE_RECV_CHUNKED_DATASET off: the data set is in memory
         spool.write_sync(event.encoded_dataset(include_meta=True))
 
@@ -145,7 +142,9 @@ def handle_store(event: Event, ctx: DimseContext, audit: DimseAudit | None = Non
             raise OutOfResourcesError("spool disk full or unavailable") from exc
         with open(spool.path, "rb") as fh:
             check_received(fh, str(event.context.transfer_syntax), affected_class, affected_instance)
-        outcome = ctx.run(ctx.ingest.store(tenant, spool, source=source))
+        # Durable spool and parse here, on the association's own thread: only the commit goes to the loop.
+        prepared = ctx.ingest.prepare(spool)
+        outcome = ctx.run(ctx.ingest.store(tenant, spool, source=source, prepared=prepared))
     except DicomServiceError as exc:
         exc.sop_instance_uid = exc.sop_instance_uid or affected_instance
         log_error(exc, "C-STORE", tenant, assoc.name)

@@ -9,13 +9,14 @@ crash is found by ``fsck`` because no row references it).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from pydicom.datadict import tag_for_keyword
 
@@ -163,6 +164,28 @@ class Spool:
         self._add(len(data))
         self._flush_sync([data])
 
+    def adopt_sync(self, path: Path) -> None:
+        """Take over a complete Part 10 file another component wrote (pynetdicom's received data set).
+
+        Renamed into the spool when on the same filesystem, so the bytes are not written a second time;
+        read once to hash (and size-check) them either way. Blocking: for callers off the loop.
+        """
+        if self._fh is not None or self.size:
+            raise RuntimeError("adopt_sync() on a spool that already has data")
+        try:
+            os.replace(path, self.path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(path, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    self.write_sync(chunk)
+            return
+        self._fh = open(self.path, "rb+", buffering=0)  # noqa: SIM115 - closed in finish_sync()/discard()
+        while chunk := self._fh.read(1 << 20):
+            self._add(len(chunk))
+            self._digest(chunk)
+
     def finish_sync(self) -> str:
         """Write what is pending, fsync and close; return the SHA-256 of the data set (blocking)."""
         chunks, self._pending, self._pending_len = self._pending, [], 0
@@ -196,6 +219,13 @@ class Spool:
         self.discard()
 
 
+class Prepared(NamedTuple):
+    """A spooled instance made durable and parsed: the SHA-256 of its data set and what it holds."""
+
+    sha256: str
+    parsed: ParsedInstance
+
+
 class IngestService:
     """Accept instances for any tenant, from any protocol."""
 
@@ -213,20 +243,27 @@ class IngestService:
         """A new spool file for one instance (created on first write)."""
         return Spool(self.spool_dir / f"{uuid.uuid4().hex}.dcm", self._off, self.settings.limits.max_instance_size)
 
-    def _finish_and_parse(self, spool: Spool) -> tuple[str, ParsedInstance]:
+    def prepare(self, spool: Spool) -> Prepared:
+        """Make the spool durable and parse it (blocking: never on the event loop).
+
+        :meth:`store` runs this through the offloader. A caller already on a thread of its own (a DIMSE
+        association) calls it there and passes the result to :meth:`store`: the instance then crosses to
+        the event loop once instead of three times, and associations parse in parallel with the loop.
+        """
         sha256 = spool.finish_sync()
         if spool.size == 0:
             raise UnreadableInstanceError("empty part: not a DICOM Part 10 file (PS3.10 7.1)")
-        return sha256, parse_part10(spool.path, self.settings.limits.bulk_data_threshold)
+        return Prepared(sha256, parse_part10(spool.path, self.settings.limits.bulk_data_threshold))
 
     async def store(self, tenant: str, spool: Spool, *, source: Source,
-                    expected_study_uid: str | None = None) -> StoreOutcome:
+                    expected_study_uid: str | None = None, prepared: Prepared | None = None) -> StoreOutcome:
         """Store one spooled instance; raises a :class:`DicomServiceError` subclass on failure.
 
         Returns only after the blob is durable and the index rows and the ``instance.stored`` outbox
         event are committed (ARCHITECTURE: acknowledged means durable). On failure nothing is kept.
+        ``prepared``: what :meth:`prepare` returned for this spool, when the caller ran it itself.
         """
-        sha256, parsed = await self._off.run(self._finish_and_parse, spool)
+        sha256, parsed = prepared if prepared is not None else await self._off.run(self.prepare, spool)
         try:
             # PS3.18 10.5.1: instances posted to /studies/{study} must belong to that study.
             if expected_study_uid is not None and parsed.study_instance_uid != expected_study_uid:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pydicom
 import pytest
@@ -177,6 +177,11 @@ def _assoc(server: Any, sop_class: str, ts: str = uid.ExplicitVRLittleEndian, ca
     return assoc
 
 
+def spool_of(server: Any) -> Path:
+    """The server's ingest spool folder (where pynetdicom also receives C-STORE data sets, server.py)."""
+    return Path(urlparse(server.settings.storage_url).path) / ".spool"
+
+
 def _send_file(assoc: Any, path: Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
     """Send a Part 10 file's data set as it is (pynetdicom reads the command UIDs from its file meta)."""
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
@@ -276,13 +281,10 @@ def _store_rq_pdus(ds: Dataset, context_id: int, max_pdu: int) -> list[Any]:
     return list(msg.encode_msg(context_id, max_pdu))
 
 
-def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    # pynetdicom receives C-STORE data sets into a temporary file: watch where those go
-    received = tmp_path / "pynetdicom-tmp"
-    received.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(received))
+def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: Path) -> None:
+    # pynetdicom receives C-STORE data sets into a temporary file in the ingest spool (server.py)
     server = start(live_server_factory, tmp_path)
+    received = spool_of(server)
     ct = "1.2.840.10008.5.1.4.1.1.2"
     assoc = _assoc(server, ct)
     ds = make_dataset(rows=256, columns=256)  # 128 KiB of pixels: many P-DATA-TF PDUs
@@ -307,13 +309,10 @@ def test_abort_mid_transfer_leaves_nothing(live_server_factory: Any, tmp_path: P
     assert list(received.iterdir()) == []
 
 
-def test_storescu_aborted_by_the_network_mid_transfer(live_server_factory: Any, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_storescu_aborted_by_the_network_mid_transfer(live_server_factory: Any, tmp_path: Path) -> None:
     """dcmtk killed while sending a large instance: nothing of it is stored."""
-    received = tmp_path / "pynetdicom-tmp"
-    received.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(received))
     server = start(live_server_factory, tmp_path)
+    received = spool_of(server)  # where pynetdicom writes the data set as it arrives (server.py)
     big = _write(tmp_path, "big", make_dataset(rows=4096, columns=4096))  # 32 MiB
     proc = subprocess.Popen(["storescu", "--max-send-pdu", "4096", "-aec", "DICOMFLOW", "127.0.0.1",
                              str(dimse_port(server)), str(big)], env=DCMTK_ENV,

@@ -56,3 +56,48 @@ def test_data_set_change_changes_the_hash(tmp_path: Path, chunk: int) -> None:
 def test_non_part10_input_is_hashed_whole(tmp_path: Path, chunk: int) -> None:
     for data in (b"not dicom at all " * 20, b"short"):
         assert _hash(tmp_path, data, chunk) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("cross_device", [False, True])
+def test_adopted_file_hashes_like_a_written_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                cross_device: bool) -> None:
+    """A C-STORE data set pynetdicom already wrote is taken over (renamed, or copied across filesystems)
+    with the same bytes, size and hash as one streamed into the spool."""
+    import errno
+    import os
+
+    data = to_bytes(make_dataset(sop_uid="1.2.3.4.5", rows=64, columns=64))
+    received = tmp_path / "received.dcm"
+    received.write_bytes(data)
+    if cross_device:
+        real = os.replace
+
+        def exdev(src: object, dst: object) -> None:
+            if str(src) == str(received):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real(src, dst)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "replace", exdev)
+    off = Offloader(1)
+    spool = Spool(tmp_path / "adopted.dcm", off, 1 << 30)
+    spool.adopt_sync(received)
+    digest = spool.finish_sync()
+    off.shutdown()
+    assert (tmp_path / "adopted.dcm").read_bytes() == data
+    assert spool.size == len(data)
+    assert digest == _hash(tmp_path, data, 4096)
+    assert received.exists() is cross_device  # renamed away, or left for pynetdicom to delete
+
+
+def test_adopting_an_oversized_file_is_refused(tmp_path: Path) -> None:
+    from dicomflow.errors import PayloadTooLargeError
+
+    received = tmp_path / "big.dcm"
+    received.write_bytes(to_bytes(make_dataset(rows=64, columns=64)))
+    off = Offloader(1)
+    spool = Spool(tmp_path / "adopted.dcm", off, 1024)
+    with pytest.raises(PayloadTooLargeError):
+        spool.adopt_sync(received)
+    spool.discard()
+    off.shutdown()
+    assert not (tmp_path / "adopted.dcm").exists()
