@@ -5,6 +5,10 @@ after the other with the same dcmtk ``storescu`` runs: one association, then sev
 (one storescu process per association), for small instances and for 512x512 CT slices. Every
 measurement sends new SOP Instance UIDs, and the instances each server really holds are counted
 afterwards. Prints a Markdown table with instances/s and the dicomflow/Orthanc ratio (goal >= 1.2).
+
+A third peer, ``pynetdicom`` (bench/pynetdicom_floor.py), is pynetdicom set up like dicomflow's DIMSE
+server with a C-STORE handler that stores nothing: the ceiling of any pynetdicom-based store here. Its
+column and its ratio to Orthanc show how much of the gap the DICOM layer alone accounts for.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +31,7 @@ from bench import data, servers
 from bench.servers import Server
 
 GOAL = 1.2
-AE_TITLES = {"dicomflow": "DICOMFLOW", "orthanc": "ORTHANC"}
+AE_TITLES = {"dicomflow": "DICOMFLOW", "orthanc": "ORTHANC", "pynetdicom": "DICOMFLOW"}
 #: COMPONENTS.md: without TCP_NODELAY dcmtk C-STORE drops from ~400 to ~11 instances/s
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -88,11 +93,28 @@ def run_storescu(port: int, aet: str, folders: list[Path]) -> float:
 def measure(server: Server, port: int, kind: str, count: int, associations: int, workdir: Path) -> StoreResult:
     folder_root = workdir / f"send-{server.name}-{kind}-{associations}"
     folders = write_folders(folder_root, kind, count, associations)
-    before = server.count_instances()
+    floor = server.name == "pynetdicom"  # stores nothing: every acknowledged instance counts
+    before = 0 if floor else server.count_instances()
     seconds = run_storescu(port, AE_TITLES[server.name], folders)
-    stored = server.count_instances() - before
+    stored = count if floor else server.count_instances() - before
     shutil.rmtree(folder_root, ignore_errors=True)
     return StoreResult(server.name, kind, associations, count, seconds, stored)
+
+
+def start_floor(workdir: Path) -> tuple[Server, int]:
+    """bench/pynetdicom_floor.py on a free port, receiving into a folder of the work dir (as dicomflow does)."""
+    port = servers.free_port()
+    data = workdir / "pynetdicom"
+    log = workdir / "pynetdicom.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.pynetdicom_floor", "--port", str(port), "--dir",
+                                 str(data / "received")], stdout=fh, stderr=subprocess.STDOUT, cwd=servers.REPO)
+    deadline = time.monotonic() + 30
+    while "ready" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"pynetdicom floor server did not start; see {log}")
+        time.sleep(0.1)
+    return Server("pynetdicom", "", data, proc, log), port
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ct", type=int, help="CT 512x512 instances per measurement; default 200, quick 60")
     p.add_argument("--parallel", default="1,4,8", help="associations in parallel (comma list)")
     p.add_argument("--repeats", type=int, help="repeats per measurement (median reported); default 3, quick 1")
-    p.add_argument("--servers", default="dicomflow,orthanc")
+    p.add_argument("--servers", default="dicomflow,orthanc,pynetdicom",
+                   help="peers to measure; pynetdicom is the floor server of bench/pynetdicom_floor.py")
     p.add_argument("--json", type=Path, help="also write raw results here")
     args = p.parse_args(argv)
     args.small = args.small or (300 if args.quick else 1000)
@@ -127,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         if "orthanc" in names:
             started.append(servers.start_orthanc(workdir))
         ports = {s.name: dimse_port(s) for s in started}
+        if "pynetdicom" in names:
+            floor, ports["pynetdicom"] = start_floor(workdir)
+            started.append(floor)
         for kind, count in (("small", args.small), ("ct", args.ct)):
             for assocs in args.parallel:
                 for _ in range(args.repeats):
@@ -143,21 +169,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: list[StoreResult]) -> str:
-    rows = ["| instances | associations | dicomflow inst/s | Orthanc inst/s | ratio (goal >= 1.2) | stored ok |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| instances | associations | dicomflow inst/s | Orthanc inst/s | ratio (goal >= 1.2) | stored ok "
+            "| pynetdicom floor inst/s | floor / Orthanc |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(r.kind, r.associations) for r in results}, key=lambda k: (k[0] != "small", k[1]))
+    nan = float("nan")
     for kind, assocs in keys:
         rate: dict[str, float] = {}
         ok = True
-        for name in ("dicomflow", "orthanc"):
+        for name in ("dicomflow", "orthanc", "pynetdicom"):
             mine = [r for r in results if r.server == name and r.kind == kind and r.associations == assocs]
             if mine:
                 rate[name] = statistics.median(r.per_second for r in mine)
                 ok = ok and all(r.stored == r.instances for r in mine)
-        ratio = rate["dicomflow"] / rate["orthanc"] if len(rate) == 2 and rate["orthanc"] else float("nan")
+        orthanc = rate.get("orthanc") or nan
         label = "small 16x16" if kind == "small" else "CT 512x512"
-        rows.append(f"| {label} | {assocs} | {rate.get('dicomflow', float('nan')):.0f} | "
-                    f"{rate.get('orthanc', float('nan')):.0f} | {ratio:.2f} | {'yes' if ok else 'NO'} |")
+        rows.append(f"| {label} | {assocs} | {rate.get('dicomflow', nan):.0f} | {orthanc:.0f} | "
+                    f"{rate.get('dicomflow', nan) / orthanc:.2f} | {'yes' if ok else 'NO'} | "
+                    f"{rate.get('pynetdicom', nan):.0f} | {rate.get('pynetdicom', nan) / orthanc:.2f} |")
     return "\n".join(rows)
 
 
