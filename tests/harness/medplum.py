@@ -8,11 +8,7 @@ tests validate what they read back with fhir.resources.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,26 +17,14 @@ from typing import Any
 
 import pytest
 
+from tests.harness.node import free_port, npm_install, start_node, stop_node
+
 HERE = Path(__file__).parent / "fhir_server"
-CACHE = Path(os.environ.get("DICOMFLOW_TEST_CACHE", Path.home() / ".cache" / "dicomflow-tests"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def install() -> Path:
     """npm install the Medplum packages into a cache folder (once); returns the folder to run from."""
-    target = CACHE / "medplum-fhir-router-5.2.13"
-    if not (target / "node_modules" / "@medplum" / "fhir-router").is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(HERE / "package.json", target / "package.json")
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=target, check=True,
-                       timeout=300)
-    shutil.copy(HERE / "server.mjs", target / "server.mjs")
-    return target
+    return npm_install(HERE, "medplum-fhir-router-5.2.13", "@medplum/fhir-router")
 
 
 @dataclass
@@ -58,26 +42,13 @@ class FhirServer:
     def start(self) -> FhirServer:
         folder = install()
         self.log = folder / f"fhir-{self.port}.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(["node", "--experimental-websocket", "server.mjs"], cwd=folder,
-                                            env={**os.environ, "FHIR_PORT": str(self.port)}, stdout=out,
-                                            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/_requests", timeout=1):
-                    return self
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"FHIR server exited: {self.log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        raise RuntimeError("FHIR server did not start")
+        self.process = start_node(folder, ["--experimental-websocket", "server.mjs"], {"FHIR_PORT": str(self.port)},
+                                  self.log, f"{self.url}/_requests", 60, "FHIR server")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
+        stop_node(self.process)
+        self.process = None
 
     def requests(self) -> list[dict[str, Any]]:
         """Write requests received so far: method, url, status."""
@@ -94,7 +65,7 @@ class FhirServer:
 @pytest.fixture(scope="session")
 def fhir_server() -> Iterator[FhirServer]:
     """One FHIR server for the session; tests use their own UIDs and identifiers."""
-    server = FhirServer(_free_port()).start()
+    server = FhirServer(free_port()).start()
     yield server
     server.stop()
 
@@ -105,7 +76,7 @@ def fhir_server_factory() -> Iterator[Any]:
     servers: list[FhirServer] = []
 
     def make() -> FhirServer:
-        server = FhirServer(_free_port())
+        server = FhirServer(free_port())
         servers.append(server)
         return server
 

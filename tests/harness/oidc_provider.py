@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,27 +11,15 @@ from typing import Any
 
 from joserfc.jwk import RSAKey
 
+from tests.harness.node import free_port, npm_install, start_node, stop_node
+
 HERE = Path(__file__).parent / "oidc"
-CACHE = Path(os.environ.get("DICOMFLOW_TEST_CACHE", Path.home() / ".cache" / "dicomflow-tests"))
 AUDIENCE = "https://dicomflow.test/api"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def install() -> Path:
     """npm install oidc-provider into a cache folder (once); returns the folder to run from."""
-    target = CACHE / "oidc-provider-9.13.3"
-    if not (target / "node_modules" / "oidc-provider").is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(HERE / "package.json", target / "package.json")
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=target, check=True,
-                       timeout=300)
-    shutil.copy(HERE / "server.mjs", target / "server.mjs")
-    return target
+    return npm_install(HERE, "oidc-provider-9.13.3", "oidc-provider")
 
 
 def new_key(kid: str) -> RSAKey:
@@ -59,29 +43,16 @@ class OidcProvider:
 
     def start(self) -> None:
         folder = install()
-        env = {**os.environ, "OIDC_PORT": str(self.port), "OIDC_AUDIENCE": AUDIENCE,
+        env = {"OIDC_PORT": str(self.port), "OIDC_AUDIENCE": AUDIENCE,
                "OIDC_JWKS": json.dumps({"keys": [k.as_dict(private=True) for k in self.keys]}),
                "OIDC_CLIENTS": json.dumps(self.clients)}
         self.log = folder / f"provider-{self.port}.log"
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(["node", "server.mjs"], cwd=folder, env=env, stdout=out,
-                                            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.issuer}/.well-known/openid-configuration", timeout=1):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"oidc-provider exited: {self.log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        raise RuntimeError("oidc-provider did not start")
+        self.process = start_node(folder, ["server.mjs"], env, self.log,
+                                  f"{self.issuer}/.well-known/openid-configuration", 30, "oidc-provider")
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
+        stop_node(self.process)
+        self.process = None
 
     def restart_with_keys(self, keys: list[RSAKey]) -> None:
         """Key rotation: the first key signs new tokens; the JWKS publishes all of them."""
@@ -100,6 +71,6 @@ class OidcProvider:
 
 
 def start_provider(clients: list[dict[str, Any]]) -> OidcProvider:
-    provider = OidcProvider(port=_free_port(), keys=[new_key("key-1")], clients=clients)
+    provider = OidcProvider(port=free_port(), keys=[new_key("key-1")], clients=clients)
     provider.start()
     return provider
