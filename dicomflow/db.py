@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dicomflow.errors import OutOfResourcesError
 from dicomflow.index import migrate
 from dicomflow.index.schema import SCHEMA_VERSION
 from dicomflow.index.sql import make_engine
 from dicomflow.settings import load_settings
+
+T = TypeVar("T")
 
 
 def _safe(url: str) -> str:
@@ -41,32 +45,34 @@ def _index_url(args: argparse.Namespace) -> str:
     return settings.index_url
 
 
-async def _upgrade(url: str) -> migrate.UpgradeResult:
-    engine = make_engine(url)
-    try:
-        return await migrate.upgrade(engine)
-    finally:
-        await engine.dispose()
+def _on_index(command: str, args: argparse.Namespace,
+              work: Callable[[AsyncEngine], Coroutine[Any, Any, T]]) -> tuple[str, T] | int:
+    """``work`` on the index ``args`` names, with an engine of its own; on failure, says why on stderr and
+    returns the exit code (1: settings or schema, 2: the database cannot be reached)."""
 
+    async def run(url: str) -> T:
+        engine = make_engine(url)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
 
-async def _version(url: str) -> int | None:
-    engine = make_engine(url)
     try:
-        return await migrate.read_version(engine)
-    finally:
-        await engine.dispose()
+        url = _index_url(args)
+        return url, asyncio.run(run(url))
+    except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"dicomflow db {command}: {exc}\n")
+        return 1
+    except (SQLAlchemyError, OSError, OutOfResourcesError) as exc:
+        sys.stderr.write(f"dicomflow db {command}: cannot reach the index database ({_why(exc)})\n")
+        return 2
 
 
 def _main_upgrade(args: argparse.Namespace) -> int:
-    try:
-        url = _index_url(args)
-        result = asyncio.run(_upgrade(url))
-    except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
-        sys.stderr.write(f"dicomflow db upgrade: {exc}\n")
-        return 1
-    except (SQLAlchemyError, OSError, OutOfResourcesError) as exc:
-        sys.stderr.write(f"dicomflow db upgrade: cannot reach the index database ({_why(exc)})\n")
-        return 2
+    outcome = _on_index("upgrade", args, migrate.upgrade)
+    if isinstance(outcome, int):
+        return outcome
+    url, result = outcome
     if result.before is None:
         sys.stdout.write(f"created the index schema (version {result.after}) in {_safe(url)}\n")
     elif result.before == result.after:
@@ -77,15 +83,10 @@ def _main_upgrade(args: argparse.Namespace) -> int:
 
 
 def _main_check(args: argparse.Namespace) -> int:
-    try:
-        url = _index_url(args)
-        found = asyncio.run(_version(url))
-    except (migrate.SchemaVersionError, ValueError, FileNotFoundError) as exc:
-        sys.stderr.write(f"dicomflow db check: {exc}\n")
-        return 1
-    except (SQLAlchemyError, OSError, OutOfResourcesError) as exc:
-        sys.stderr.write(f"dicomflow db check: cannot reach the index database ({_why(exc)})\n")
-        return 2
+    outcome = _on_index("check", args, migrate.read_version)
+    if isinstance(outcome, int):
+        return outcome
+    _, found = outcome
     problem = migrate.describe(found)
     if problem is not None:
         sys.stderr.write(f"dicomflow db check: {problem}\n")
