@@ -110,30 +110,33 @@ async def get_delivery(request: web.Request) -> web.Response:
     return web.json_response((await _row(request, engine, _delivery_id(request))).as_dict())
 
 
-async def retry_delivery(request: web.Request) -> web.Response:
+async def _change_one(request: web.Request, change: str) -> tuple[RoutingEngine, int]:
+    """``retry`` or ``drop`` the delivery named in the URL; 400 when its status does not allow it.
+    Returns the engine and the number of rows changed."""
     engine = _engine(request)
     delivery_id = _delivery_id(request)
     row = await _row(request, engine, delivery_id)
-    changed = await engine.store.retry([delivery_id], tenant=row.tenant)
+    if change == "retry":
+        changed = await engine.store.retry([delivery_id], tenant=row.tenant)
+        allowed, done, logged = "dead, dropped or done", "retried", "replayed"
+    else:
+        changed = await engine.store.drop([delivery_id], tenant=row.tenant)
+        allowed, done, logged = "dead, pending or waiting", "dropped", "dropped"
     if not changed:
         row = await _row(request, engine, delivery_id)  # its status now, for the message
-        raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only dead, dropped or done ones "
-                                  "can be retried")
-    logger.info("delivery %d replayed by an operator", delivery_id)
+        raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only {allowed} ones can be {done}")
+    logger.info("delivery %d %s by an operator", delivery_id, logged)
+    return engine, changed
+
+
+async def retry_delivery(request: web.Request) -> web.Response:
+    engine, changed = await _change_one(request, "retry")
     engine.wake()
     return web.json_response({"retried": changed})
 
 
 async def drop_delivery(request: web.Request) -> web.Response:
-    engine = _engine(request)
-    delivery_id = _delivery_id(request)
-    row = await _row(request, engine, delivery_id)
-    changed = await engine.store.drop([delivery_id], tenant=row.tenant)
-    if not changed:
-        row = await _row(request, engine, delivery_id)  # its status now, for the message
-        raise InvalidRequestError(f"delivery {delivery_id} is {row.status}; only dead, pending or waiting "
-                                  "ones can be dropped")
-    logger.info("delivery %d dropped by an operator", delivery_id)
+    _, changed = await _change_one(request, "drop")
     return web.json_response({"dropped": changed})
 
 
