@@ -33,12 +33,19 @@ from dicomflow.model import Protocol, Source
 from dicomflow.settings import RemoteNode, Settings, TenantSettings
 from tests.conftest import LiveServer, _run_server, free_port, make_settings
 from tests.factory import make_dataset, to_bytes
-from tests.integration.dimse_peer import dcmtk, dimse_port, dimse_settings, start
+from tests.integration.dimse_peer import (
+    PUSH_INSTANCE,
+    PUSH_MODEL,
+    commitment_request,
+    dcmtk,
+    dimse_port,
+    dimse_settings,
+    request_commitment,
+    start,
+)
 
 pytestmark = pytest.mark.integration
 
-PUSH_MODEL = "1.2.840.10008.1.20.1"
-PUSH_INSTANCE = "1.2.840.10008.1.20.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -57,30 +64,33 @@ class Reports:
 
 
 def _store_with_storescu(server: Any, tmp_path: Path, count: int) -> list[str]:
+    return [ds.SOPInstanceUID for ds in _store_datasets(server, tmp_path, count)]
+
+
+def _store_datasets(server: LiveServer, tmp_path: Path, count: int) -> list[Dataset]:
     folder = tmp_path / "in"
     folder.mkdir()
-    sops = []
-    for i in range(count):
-        ds = make_dataset(instance_number=i + 1)
+    datasets = [make_dataset(instance_number=i + 1) for i in range(count)]
+    for i, ds in enumerate(datasets):
         (folder / f"{i}.dcm").write_bytes(to_bytes(ds))
-        sops.append(ds.SOPInstanceUID)
     result = dcmtk("storescu", "+sd", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1",
                    str(dimse_port(server)), str(folder))
     assert result.returncode == 0, result.stderr
-    return sops
+    return datasets
 
 
-def _request(transaction: str, refs: list[tuple[str, str]]) -> Dataset:
-    ds = Dataset()
-    ds.TransactionUID = transaction
-    items = []
-    for sop_class, sop in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    return ds
+def _requestor(server: LiveServer, reports: Reports | None = None) -> Any:
+    """The modality's association to us for N-ACTIONs; a report on it goes to ``reports`` as "same"."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
+    handlers = [(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])] if reports is not None else None
+    return ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW", evt_handlers=handlers)
+
+
+def _modality_node(port: int) -> dict[str, TenantSettings]:
+    """Tenants where the default one knows the modality's listener on ``port`` as a remote node."""
+    return {"default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={
+        "modality": RemoteNode(ae_title="MODALITY", host="127.0.0.1", port=port)})}
 
 
 def _check_report(event_type: int, info: Dataset, transaction: str, stored: list[str], missing: str,
@@ -97,17 +107,13 @@ def test_commitment_reported_on_the_same_association(live_server_factory: Any, t
     server = start(live_server_factory, tmp_path)
     sops = _store_with_storescu(server, tmp_path, 3)
     reports = Reports()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])])
+    assoc = _requestor(server, reports)
     assert assoc.is_established
     transaction = uid.generate_uid()
     missing = uid.generate_uid()
     try:
         refs = [(CT, sops[0]), (CT, sops[1]), (CT, missing), (MR, sops[2])]
-        status, _ = assoc.send_n_action(_request(transaction, refs), 1, PUSH_MODEL, PUSH_INSTANCE)
-        assert status.Status == 0x0000
+        assert request_commitment(assoc, transaction, refs) == 0x0000
         assert reports.arrived.wait(15)
     finally:
         assoc.release()
@@ -121,14 +127,9 @@ def test_all_committed_is_event_type_1(live_server_factory: Any, tmp_path: Path)
     server = start(live_server_factory, tmp_path)
     sops = _store_with_storescu(server, tmp_path, 2)
     reports = Reports()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])])
+    assoc = _requestor(server, reports)
     try:
-        status, _ = assoc.send_n_action(_request(uid.generate_uid(), [(CT, s) for s in sops]), 1, PUSH_MODEL,
-                                        PUSH_INSTANCE)
-        assert status.Status == 0x0000
+        assert request_commitment(assoc, uid.generate_uid(), [(CT, s) for s in sops]) == 0x0000
         assert reports.arrived.wait(15)
     finally:
         assoc.release()
@@ -140,20 +141,15 @@ def test_all_committed_is_event_type_1(live_server_factory: Any, tmp_path: Path)
 
 def test_bad_commitment_requests(live_server_factory: Any, tmp_path: Path) -> None:
     server = start(live_server_factory, tmp_path)
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW")
+    assoc = _requestor(server)
     try:
-        no_transaction = _request(uid.generate_uid(), [(CT, uid.generate_uid())])
+        no_transaction = commitment_request(uid.generate_uid(), [(CT, uid.generate_uid())])
         del no_transaction.TransactionUID
         status, _ = assoc.send_n_action(no_transaction, 1, PUSH_MODEL, PUSH_INSTANCE)
         assert status.Status == 0x0120  # PS3.7 C.5: missing attribute
-        status, _ = assoc.send_n_action(_request(uid.generate_uid(), [(CT, "not-a-uid")]), 1, PUSH_MODEL,
-                                        PUSH_INSTANCE)
-        assert status.Status == 0x0106  # invalid attribute value
-        status, _ = assoc.send_n_action(_request(uid.generate_uid(), [(CT, uid.generate_uid())]), 7, PUSH_MODEL,
-                                        PUSH_INSTANCE)
-        assert status.Status == 0x0123  # no such action type
+        assert request_commitment(assoc, uid.generate_uid(), [(CT, "not-a-uid")]) == 0x0106  # invalid attribute value
+        no_such_action = 7
+        assert request_commitment(assoc, uid.generate_uid(), [(CT, uid.generate_uid())], no_such_action) == 0x0123
     finally:
         assoc.release()
 
@@ -180,8 +176,7 @@ def test_commitment_on_a_new_association_when_the_requestor_is_gone(aiohttp_clie
 
 
 async def _report_after_release(aiohttp_client: Any, tmp_path: Path, port: int, reports: Reports) -> None:
-    tenants = {"default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={
-        "modality": RemoteNode(ae_title="MODALITY", host="127.0.0.1", port=port)})}
+    tenants = _modality_node(port)
     settings = make_settings(tmp_path, tenants=tenants)
     app = create_app(settings)
     runner = web.AppRunner(app)
@@ -219,17 +214,11 @@ def test_requestor_releasing_at_once_still_gets_exactly_one_report(live_server_f
     reports = Reports()
     scp, port = _modality_scp(reports)
     try:
-        tenants = {"default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={
-            "modality": RemoteNode(ae_title="MODALITY", host="127.0.0.1", port=port)})}
-        server = start(live_server_factory, tmp_path, tenants=tenants)
+        server = start(live_server_factory, tmp_path, tenants=_modality_node(port))
         sops = _store_with_storescu(server, tmp_path, 1)
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])])
+        assoc = _requestor(server, reports)
         transaction = uid.generate_uid()
-        status, _ = assoc.send_n_action(_request(transaction, [(CT, sops[0])]), 1, PUSH_MODEL, PUSH_INSTANCE)
-        assert status.Status == 0x0000
+        assert request_commitment(assoc, transaction, [(CT, sops[0])]) == 0x0000
         assoc.release()
         assert reports.arrived.wait(15)
         done = _poll(lambda: _delivery(server, transaction, status="done"), what="the delivery done")
@@ -287,37 +276,20 @@ def index_override(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 def _durable_settings(tmp_path: Path, modality_port: int, index_override: dict[str, str]) -> Settings:
-    tenants = {"default": TenantSettings(ae_titles=["DICOMFLOW"], remote_nodes={
-        "modality": RemoteNode(ae_title="MODALITY", host="127.0.0.1", port=modality_port)})}
+    tenants = _modality_node(modality_port)
     # short back-off: retries every 0.1-0.3 s; attempts enough never to become a dead letter here
     routing = {"poll_interval": 0.05, "backoff_initial": 0.1, "backoff_max": 0.3, "max_attempts": 10000}
     return dimse_settings(tmp_path, tenants=tenants, routing=routing, **index_override)
-
-
-def _store_datasets(server: LiveServer, tmp_path: Path, count: int) -> list[Dataset]:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    datasets = [make_dataset(instance_number=i + 1) for i in range(count)]
-    for i, ds in enumerate(datasets):
-        (folder / f"{i}.dcm").write_bytes(to_bytes(ds))
-    result = dcmtk("storescu", "+sd", "-aet", "MODALITY", "-aec", "DICOMFLOW", "127.0.0.1",
-                   str(dimse_port(server)), str(folder))
-    assert result.returncode == 0, result.stderr
-    return datasets
 
 
 def _request_and_release(server: LiveServer, transaction: str, refs: list[tuple[str, str]],
                          reports: Reports) -> dict[str, Any]:
     """N-ACTION from a pynetdicom modality, then release at once; returns the delivery as recorded when
     the N-ACTION response arrived (before the release)."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(PUSH_MODEL, uid.ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler, ["same"])])
+    assoc = _requestor(server, reports)
     assert assoc.is_established
     try:
-        status, _ = assoc.send_n_action(_request(transaction, refs), 1, PUSH_MODEL, PUSH_INSTANCE)
-        assert status.Status == 0x0000
+        assert request_commitment(assoc, transaction, refs) == 0x0000
         # acknowledged, hence already durable: no waiting
         recorded = _delivery(server, transaction)
     finally:

@@ -20,12 +20,10 @@ from dicomflow.settings import RemoteNode, TenantSettings
 from tests.conftest import LiveServer, free_port
 from tests.factory import make_dataset, store_state, to_bytes
 from tests.harness.certs import CertificateAuthority, Pair
-from tests.integration.dimse_peer import dcmtk, dimse_port, start
+from tests.integration.dimse_peer import PUSH_MODEL, dcmtk, dimse_port, request_commitment, start
 
 pytestmark = pytest.mark.integration
 
-PUSH_MODEL = "1.2.840.10008.1.20.1"
-PUSH_INSTANCE = "1.2.840.10008.1.20.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -217,9 +215,7 @@ def test_storage_commitment_report_over_tls_on_a_new_association(live_server_fac
         assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW",
                              tls_args=(client_ctx, "127.0.0.1"))
         assert assoc.is_established
-        request = make_commitment_request(transaction := uid.generate_uid(), [(CT, sop)])
-        status, _ = assoc.send_n_action(request, 1, PUSH_MODEL, PUSH_INSTANCE)
-        assert status.Status == 0x0000
+        assert request_commitment(assoc, transaction := uid.generate_uid(), [(CT, sop)]) == 0x0000
         assoc.release()
         assert arrived.wait(15)
     finally:
@@ -229,21 +225,6 @@ def test_storage_commitment_report_over_tls_on_a_new_association(live_server_fac
     events = _audit(server, action="commit")
     assert events and events[0]["type"]["code"] == "110103" and events[0]["outcome"] == "0"
     assert "1 committed, 0 failed, report delivered" in events[0]["outcomeDesc"]
-
-
-def make_commitment_request(transaction: str, refs: list[tuple[str, str]]) -> Any:
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    ds.TransactionUID = transaction
-    items = []
-    for sop_class, sop in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    return ds
 
 
 def test_tls_store_throughput(live_server_factory: Any, tmp_path: Path, pki: Pki) -> None:
