@@ -2,16 +2,17 @@
 
 Each resource is written by conditional update on its identifier (FHIR R4 3.1.0.4.3,
 ``PUT [type]?identifier=system|value``: 201 when new, 200 when it existed), so repeating a delivery
-updates the same resources. The study is read from the index when the delivery runs, so counts are the
-ones stored at that time whichever event triggered it. When the study is gone, the route's
-``on_delete`` decides: ImagingStudy.status ``entered-in-error``, delete it, or leave it.
+updates the same resources. Many servers run that search and the create without isolation, so two
+deliveries of one new resource at once would both create it: each conditional update holds the
+resource's key across every worker process on the index (engine/keylock.py). The study is read from
+the index when the delivery runs, so counts are the ones stored at that time whichever event triggered
+it. When the study is gone, the route's ``on_delete`` decides: ImagingStudy.status ``entered-in-error``,
+delete it, or leave it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import weakref
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ from fhirpy.base.exceptions import BaseFHIRError
 from dicomflow.connectors.base import DeliveryError, DeliveryJob, Outcome, http_failure
 from dicomflow.engine.context import EngineContext
 from dicomflow.engine.routes import OnDelete
+from dicomflow.errors import OutOfResourcesError
 from dicomflow.mapping.evaluate import MappingError, build_one, escape_search, key_of
 from dicomflow.mapping.model import Mapping
 from dicomflow.mapping.view import StudyView
@@ -37,17 +39,6 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
 class FhirConnector:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
-        # Two deliveries upserting the same resource at once (two studies of a new patient) would both
-        # find nothing and both create it: one conditional update per resource key at a time.
-        self._locks: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Lock] = \
-            weakref.WeakValueDictionary()
-
-    def _lock(self, *key: str) -> asyncio.Lock:
-        lock = self._locks.get(key)  # type: ignore[arg-type]
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[key] = lock  # type: ignore[index]
-        return lock
 
     async def _client(self, dest: FhirDestination) -> AsyncFHIRClient:
         authorization = await self.ctx.tokens.authorization(dest.oauth2, dest.basic, dest.timeout)
@@ -85,6 +76,8 @@ class FhirConnector:
             raise DeliveryError(str(exc), retryable=False) from None
         except DeliveryError:
             raise
+        except OutOfResourcesError:  # the index, where the lock of a resource is taken
+            raise DeliveryError("index database unavailable", retryable=True) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DeliveryError(f"FHIR server unreachable: {type(exc).__name__}", retryable=True,
                                 detail=f"FHIR server unreachable: {exc!r}") from None
@@ -103,7 +96,9 @@ class FhirConnector:
                 continue
             body: dict[str, Any] = dict(built.body)
             resource = client.resource(built.type, **{k: v for k, v in body.items() if k != "resourceType"})
-            async with self._lock(url, built.type, built.search_identifier):
+            # two deliveries upserting one resource at once (two studies of a new patient, on two workers)
+            # would both find nothing and both create it: one conditional update per resource at a time
+            async with self.ctx.locks.hold(f"fhir {url.rstrip('/')} {built.type}?{built.search_identifier}"):
                 saved, created = await client.resources(built.type).search(
                     identifier=built.search_identifier).update(resource)
             if not saved or "id" not in saved:

@@ -9,6 +9,7 @@ import aiohttp
 
 from dicomflow.connectors.auth import TokenCache
 from dicomflow.engine.config import RouteSet
+from dicomflow.engine.keylock import KeyLocks
 from dicomflow.engine.store import EngineStore
 from dicomflow.index.sql import SqlIndexStore
 from dicomflow.offload import Offloader
@@ -25,6 +26,8 @@ class EngineContext:
     offloader: Offloader
     session: aiohttp.ClientSession
     tokens: TokenCache
+    #: one holder per key across every worker process on this index (FHIR conditional updates)
+    locks: KeyLocks
     #: the route set in force now (it changes on reload)
     route_set: Callable[[], RouteSet]
 

