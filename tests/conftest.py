@@ -29,6 +29,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def plain_tenants() -> dict[str, TenantSettings]:
+    """Tenants default, acme and globex, all with the default duplicate policy (unlike make_settings's)."""
+    return {"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"]),
+            "globex": TenantSettings(ae_titles=["GLOBEX"])}
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     tenants = overrides.pop("tenants", None) or {
         "default": TenantSettings(ae_titles=["DICOMFLOW"]),

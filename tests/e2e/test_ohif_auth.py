@@ -9,7 +9,6 @@ and grants the ``viewer`` role (read, search) on tenant ``acme`` only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,11 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
-from dicomflow.settings import AuthSettings, IssuerSettings, TenantSettings
-from tests.conftest import LiveServer, free_port, make_settings
+from tests.conftest import LiveServer, free_port, make_settings, plain_tenants
 from tests.factory import make_dataset
 from tests.harness import ohif
 from tests.harness.browser import Browser
-from tests.harness.oidc_provider import AUDIENCE, OidcProvider, start_provider
+from tests.harness.oidc_provider import OidcProvider
 
 pytestmark = pytest.mark.e2e
 
@@ -33,22 +31,14 @@ CLIENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def provider() -> Iterator[OidcProvider]:
-    p = start_provider(CLIENTS)
-    yield p
-    p.stop()
-
-
 @pytest.fixture
 def acme(live_server_factory: Any, tmp_path: Path, provider: OidcProvider) -> dict[str, Any]:
     """dicomflow with bearer-token auth; one CT study of 3 slices stored in tenant acme by a technologist."""
     ohif_port = free_port()
     settings = make_settings(
         tmp_path,
-        tenants={"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"]),
-                 "globex": TenantSettings(ae_titles=["GLOBEX"])},
-        auth=AuthSettings(issuers=[IssuerSettings(issuer=provider.issuer, audience=[AUDIENCE])]),
+        tenants=plain_tenants(),
+        auth=provider.auth_settings(),
         http={"cors_origins": [f"http://127.0.0.1:{ohif_port}"]},
     )
     server: LiveServer = live_server_factory(settings)

@@ -183,7 +183,7 @@ async def _status(engine: Any, delivery_id: int, status: str) -> bool:
 async def test_stow_forward_with_oauth2_client_credentials(aiohttp_client: Any, live_server_factory: Any,
                                                            tmp_path: Path) -> None:
     """The receiver (a dicomflow with authentication on) only takes tokens from a real OIDC provider."""
-    from dicomflow.settings import AuthSettings, IssuerSettings, TenantSettings
+    from dicomflow.settings import TenantSettings
     from tests.harness.oidc_provider import AUDIENCE, start_provider
 
     provider = start_provider([{"client_id": "router", "client_secret": "router-secret",
@@ -192,7 +192,7 @@ async def test_stow_forward_with_oauth2_client_credentials(aiohttp_client: Any, 
         receiver = live_server_factory(make_settings(
             tmp_path / "receiver",
             tenants={"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"])},
-            auth=AuthSettings(issuers=[IssuerSettings(issuer=provider.issuer, audience=[AUDIENCE])])))
+            auth=provider.auth_settings()))
         oauth2 = {"token_url": f"{provider.issuer}/token", "client_id": "router", "client_secret": "router-secret",
                   "resource": AUDIENCE, "auth_method": "client_secret_post"}
         settings = routing_settings(tmp_path / "sender", {"copy.yaml": """name: copy

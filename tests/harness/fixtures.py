@@ -1,8 +1,10 @@
-"""pytest fixtures for real backing services: PostgreSQL and SeaweedFS S3 (started once per session).
+"""pytest fixtures for real backing services: PostgreSQL and SeaweedFS S3 (started once per session), and
+an OIDC provider (once per test module).
 
 ``pg_url`` is a fresh, empty database per test; ``s3_options`` a fresh prefix in a session bucket
-and ``s3_bucket`` a fresh bucket (slower: ~1 s) on the session's ``seaweed``. Services start only
-when a test asks for them.
+and ``s3_bucket`` a fresh bucket (slower: ~1 s) on the session's ``seaweed``; ``provider`` an
+oidc-provider that knows the clients of the test module's ``CLIENTS``. Services start only when a test
+asks for them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from dicomflow.storage.s3 import S3Options
+from tests.harness.oidc_provider import OidcProvider, start_provider
 from tests.harness.postgres import ENV_URL, PgCluster, create_database, drop_database
 from tests.harness.seaweed import SeaweedS3
 
@@ -110,3 +113,11 @@ def backend_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
         return {}
     overrides: dict[str, object] = request.getfixturevalue("scaleout_backend")
     return overrides
+
+
+@pytest.fixture(scope="module")
+def provider(request: pytest.FixtureRequest) -> Iterator[OidcProvider]:
+    """An OIDC provider for the test module, knowing the clients in its module-level ``CLIENTS`` list."""
+    p = start_provider(request.module.CLIENTS)
+    yield p
+    p.stop()

@@ -11,6 +11,7 @@ from typing import Any
 
 from joserfc.jwk import RSAKey
 
+from dicomflow.settings import AuthSettings, IssuerSettings
 from tests.harness.node import free_port, npm_install, start_node, stop_node
 
 HERE = Path(__file__).parent / "oidc"
@@ -68,6 +69,12 @@ class OidcProvider:
                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return str(json.loads(resp.read())["access_token"])
+
+    def auth_settings(self, issuer: dict[str, Any] | None = None, **auth: Any) -> AuthSettings:
+        """Settings of a resource server that takes this provider's tokens for ``AUDIENCE``; ``issuer`` adds
+        IssuerSettings fields, ``auth`` AuthSettings fields."""
+        return AuthSettings(issuers=[IssuerSettings(issuer=self.issuer, audience=[AUDIENCE], **(issuer or {}))],
+                            **auth)
 
 
 def start_provider(clients: list[dict[str, Any]]) -> OidcProvider:

@@ -20,10 +20,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from dicomflow.audit.record import AuditAction, AuditRecord, Outcome
 from dicomflow.audit.trail import AuditTrail
-from dicomflow.settings import AuditSettings, AuthSettings, IssuerSettings, SyslogSettings, TenantSettings
-from tests.conftest import LiveServer, make_settings
+from dicomflow.settings import AuditSettings, SyslogSettings
+from tests.conftest import LiveServer, make_settings, plain_tenants
 from tests.factory import make_instance, multipart
-from tests.harness.oidc_provider import AUDIENCE, OidcProvider, start_provider
+from tests.harness.oidc_provider import OidcProvider
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +33,6 @@ CLIENTS = [
     {"client_id": "globex-admin", "client_secret": "c", "claims": {"tenants": {"globex": ["admin"]}}},
 ]
 STUDY = "1.2.826.0.1.3680043.10.1045.88.1"
-
-
-@pytest.fixture(scope="module")
-def provider() -> Iterator[OidcProvider]:
-    p = start_provider(CLIENTS)
-    yield p
-    p.stop()
 
 
 @pytest.fixture
@@ -56,9 +49,8 @@ def server(live_server_factory: Any, tmp_path: Path, provider: OidcProvider,
            udp_collector: socket.socket) -> LiveServer:
     settings = make_settings(
         tmp_path,
-        tenants={"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"]),
-                 "globex": TenantSettings(ae_titles=["GLOBEX"])},
-        auth=AuthSettings(issuers=[IssuerSettings(issuer=provider.issuer, audience=[AUDIENCE])]),
+        tenants=plain_tenants(),
+        auth=provider.auth_settings(),
         audit=AuditSettings(syslog=SyslogSettings(host="127.0.0.1", port=udp_collector.getsockname()[1])),
     )
     result: LiveServer = live_server_factory(settings)

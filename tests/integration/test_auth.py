@@ -6,17 +6,15 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from joserfc import jwt
 
-from dicomflow.settings import AuthSettings, IssuerSettings, TenantSettings
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer, make_settings, plain_tenants
 from tests.factory import make_instance, multipart
-from tests.harness.oidc_provider import AUDIENCE, OidcProvider, new_key, start_provider
+from tests.harness.oidc_provider import AUDIENCE, OidcProvider, new_key
 
 pytestmark = pytest.mark.integration
 
@@ -29,21 +27,12 @@ CLIENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def provider() -> Iterator[OidcProvider]:
-    p = start_provider(CLIENTS)
-    yield p
-    p.stop()
-
-
 @pytest.fixture
 def server(live_server_factory: Any, tmp_path: Any, provider: OidcProvider) -> LiveServer:
     settings = make_settings(
         tmp_path,
-        tenants={"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"]),
-                 "globex": TenantSettings(ae_titles=["GLOBEX"])},
-        auth=AuthSettings(issuers=[IssuerSettings(issuer=provider.issuer, audience=[AUDIENCE],
-                                                  leeway_seconds=0)], jwks_refresh_interval=0),
+        tenants=plain_tenants(),
+        auth=provider.auth_settings({"leeway_seconds": 0}, jwks_refresh_interval=0),
     )
     result: LiveServer = live_server_factory(settings)
     return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,9 @@ import aiohttp
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomflow.settings import AuthSettings, IssuerSettings, TenantSettings
-from tests.conftest import LiveServer, free_port, make_settings
+from tests.conftest import LiveServer, free_port, make_settings, plain_tenants
 from tests.factory import make_instance, multipart
-from tests.harness.oidc_provider import AUDIENCE, OidcProvider, start_provider
+from tests.harness.oidc_provider import OidcProvider
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +36,6 @@ CLIENTS = [
 ROUTE = "name: everything-to-hook\nevents: [instance.stored]\nactions: [{type: webhook, destination: hook}]\n"
 
 
-@pytest.fixture(scope="module")
-def provider() -> Iterator[OidcProvider]:
-    p = start_provider(CLIENTS)
-    yield p
-    p.stop()
-
-
 @pytest.fixture
 def server(live_server_factory: Any, tmp_path: Path, provider: OidcProvider) -> LiveServer:
     routes = tmp_path / "routes"
@@ -52,9 +43,8 @@ def server(live_server_factory: Any, tmp_path: Path, provider: OidcProvider) -> 
     (routes / "hook.yaml").write_text(ROUTE)
     settings = make_settings(
         tmp_path,
-        tenants={"default": TenantSettings(ae_titles=["DICOMFLOW"]), "acme": TenantSettings(ae_titles=["ACME"]),
-                 "globex": TenantSettings(ae_titles=["GLOBEX"])},
-        auth=AuthSettings(issuers=[IssuerSettings(issuer=provider.issuer, audience=[AUDIENCE])]),
+        tenants=plain_tenants(),
+        auth=provider.auth_settings(),
         # a webhook nobody listens on, one attempt: every stored instance leaves a dead letter
         routing={"routes_dir": routes, "destinations": {"hook": {
             "type": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook", "secret": "x"}},
