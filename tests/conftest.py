@@ -45,9 +45,14 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(data_dir=tmp_path / "data", tenants=tenants, dimse=dimse, **overrides)
 
 
+def _marked(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``make_settings`` overrides the test's markers ask for (``routing_off``)."""
+    return {"routing": {"enabled": False}} if request.node.get_closest_marker("routing_off") else {}
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    return make_settings(tmp_path, **_marked(request))
 
 
 @pytest.fixture
@@ -112,8 +117,8 @@ def live_server_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def live_server(live_server_factory: Any) -> LiveServer:
-    server: LiveServer = live_server_factory()
+def live_server(request: pytest.FixtureRequest, live_server_factory: Any) -> LiveServer:
+    server: LiveServer = live_server_factory(**_marked(request))
     return server
 
 

@@ -18,18 +18,12 @@ from pydicom.uid import generate_uid
 from tests.conftest import LiveServer
 from tests.factory import make_instance, multipart, store_state
 
-pytestmark = pytest.mark.e2e
+#: routing off: these tests are about ingest, and the outbox must stay as ingest wrote it
+pytestmark = [pytest.mark.e2e, pytest.mark.routing_off]
 
 CLIENTS = 12
 BATCHES = 4
 BATCH = 10
-
-
-@pytest.fixture
-def live_server(live_server_factory: Any) -> LiveServer:
-    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
-    server: LiveServer = live_server_factory(routing={"enabled": False})
-    return server
 
 
 def _batches() -> tuple[list[list[tuple[str, bytes]]], set[str], set[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,23 +13,11 @@ from pydicom.uid import MRImageStorage, generate_uid
 
 from dicomflow.appkeys import BLOBS
 from dicomflow.settings import Settings
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer
 from tests.factory import StoreState, make_dataset, make_instance, multipart, store_state, to_bytes
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def live_server(live_server_factory: Any) -> LiveServer:
-    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
-    server: LiveServer = live_server_factory(routing={"enabled": False})
-    return server
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
-    return make_settings(tmp_path, routing={"enabled": False})
+#: routing off: these tests are about ingest, and the outbox must stay as ingest wrote it
+pytestmark = [pytest.mark.e2e, pytest.mark.routing_off]
 
 
 class Study:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,16 +9,10 @@ from aiohttp.test_utils import TestServer
 
 from dicomflow.app import create_app
 from dicomflow.settings import Settings
-from tests.conftest import make_settings
 from tests.factory import make_instance, multipart
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    # QIDO needs no routing; a worker cancelled mid-claim() at teardown has hung some runs (see report)
-    return make_settings(tmp_path, routing={"enabled": False})
+#: QIDO needs no routing; a worker cancelled mid-claim() at teardown has hung some runs (see report)
+pytestmark = [pytest.mark.e2e, pytest.mark.routing_off]
 
 
 @pytest.fixture

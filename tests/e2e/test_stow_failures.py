@@ -21,23 +21,11 @@ from dicomflow.appkeys import INGEST
 from dicomflow.errors import OutOfResourcesError
 from dicomflow.ingest import service
 from dicomflow.settings import Settings
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer
 from tests.factory import StoreState, make_instance, multipart, store_state
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def live_server(live_server_factory: Any) -> LiveServer:
-    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
-    server: LiveServer = live_server_factory(routing={"enabled": False})
-    return server
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
-    return make_settings(tmp_path, routing={"enabled": False})
+#: routing off: these tests are about ingest, and the outbox must stay as ingest wrote it
+pytestmark = [pytest.mark.e2e, pytest.mark.routing_off]
 
 
 async def stow(client: TestClient, parts: list[bytes]) -> tuple[int, dict[str, Any], dict[str, str]]:  # type: ignore[type-arg]

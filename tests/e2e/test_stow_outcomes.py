@@ -19,7 +19,8 @@ from pydicom.uid import generate_uid
 from tests.conftest import LiveServer
 from tests.factory import CT_IMAGE, make_dataset, make_instance, multipart, store_state, to_bytes
 
-pytestmark = pytest.mark.e2e
+#: routing off: these tests are about ingest, and the outbox must stay as ingest wrote it
+pytestmark = [pytest.mark.e2e, pytest.mark.routing_off]
 
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -28,13 +29,6 @@ FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
 SOP_CLASS = "00081150"
 SOP_INSTANCE = "00081155"
-
-
-@pytest.fixture
-def live_server(live_server_factory: Any) -> LiveServer:
-    """Routing off: these tests are about ingest, and the outbox must stay as ingest wrote it."""
-    server: LiveServer = live_server_factory(routing={"enabled": False})
-    return server
 
 
 def post(url: str, parts: list[bytes], **kwargs: Any) -> requests.Response:

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dicomflow.settings import Settings
-from tests.conftest import make_settings
 from tests.factory import make_instance, multipart
 
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Routing off: only the STOW handler is under test here."""
-    return make_settings(tmp_path, routing={"enabled": False})
+pytestmark = pytest.mark.routing_off  # only the STOW handler is under test here
 
 
 async def test_stow_stores_and_reports_retrieve_url(client: Any) -> None:
