@@ -77,29 +77,21 @@ async def test_blob_written_then_failure_removes_the_blob(client: TestClient, se
     assert_consistent(store_state(settings), set())
 
 
+@pytest.mark.parametrize(("error", "http", "reason"), [
+    (RuntimeError("constraint violated"), 409, 0x0110),  # an unexpected fault: Processing Failure
+    (OutOfResourcesError("index unavailable"), 503, 0xA700),
+], ids=["fault", "unavailable"])
 async def test_index_failure_removes_the_blob(client: TestClient, settings: Settings,  # type: ignore[type-arg]
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch, error: Exception, http: int,
+                                              reason: int) -> None:
     index = ingest_of(client).index
 
     async def broken(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("constraint violated")
+        raise error
 
     monkeypatch.setattr(index, "store_instance", broken)
     status, body, _ = await stow(client, [make_instance()])
-    assert status == 409 and reasons(body) == [0x0110]  # an unexpected fault: Processing Failure
-    assert_consistent(store_state(settings), set())
-
-
-async def test_index_unavailable_is_out_of_resources(client: TestClient, settings: Settings,  # type: ignore[type-arg]
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    index = ingest_of(client).index
-
-    async def busy(*args: Any, **kwargs: Any) -> Any:
-        raise OutOfResourcesError("index unavailable")
-
-    monkeypatch.setattr(index, "store_instance", busy)
-    status, body, _ = await stow(client, [make_instance()])
-    assert status == 503 and reasons(body) == [0xA700]
+    assert status == http and reasons(body) == [reason]
     assert_consistent(store_state(settings), set())
 
 
