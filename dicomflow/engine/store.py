@@ -319,6 +319,16 @@ class EngineStore:
                 claimed_by=None, claimed_until=None, attempts=sa.case((d.c.attempts > 0, d.c.attempts - 1),
                                                                       else_=0)))
 
+    async def release_worker(self, worker: str) -> int:
+        """Give back every pending delivery still claimed by ``worker`` (on shutdown), without counting the
+        attempt; returns how many."""
+        d = t.deliveries
+        async with self.index.transaction() as conn:
+            result = await conn.execute(sa.update(d).where(d.c.claimed_by == worker, d.c.status == Status.PENDING)
+                                        .values(claimed_by=None, claimed_until=None,
+                                                attempts=sa.case((d.c.attempts > 0, d.c.attempts - 1), else_=0)))
+        return int(result.rowcount)
+
     # -- operators -------------------------------------------------------------------------------------
 
     async def list_deliveries(self, *, status: str | None = None, tenant: str | None = None, route: str | None = None,

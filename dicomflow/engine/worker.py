@@ -103,6 +103,8 @@ class RoutingEngine:
         await asyncio.gather(*(t for t, _ in self._inflight.values()), return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.store.release(unfinished)  # the next worker takes them at once, not after the lease
+            # and any whose claim committed while the claiming call was being cancelled: never started here
+            await self.store.release_worker(self.worker_id)
         if self._session is not None:
             await self._session.close()
         if self._locks is not None:

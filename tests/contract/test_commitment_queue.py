@@ -80,3 +80,21 @@ async def test_first_attempt_recorded_by_the_server(index: SqlIndexStore) -> Non
     assert await store.retry([second.id]) == 1
     replayed = await store.claim("worker", 60, {}, 10)
     assert [(r.id, r.attempts) for r in replayed] == [(second.id, 1)]
+
+
+async def test_a_stopping_worker_gives_back_what_it_still_holds(index: SqlIndexStore) -> None:
+    """A claim can commit while the claiming call is cancelled (worker stopping): the row must not wait
+    for the lease before another worker (a restarted server) takes it."""
+    store = EngineStore(index)
+    row = await store.add_delivery(REQUEST.event(), COMMITMENT_REPORT, {"type": N_EVENT_REPORT}, "MODALITY",
+                                   claimed_by="server/dimse-1", lease=300)
+    await store.fail(row, "association failed", retryable=True, max_attempts=5, backoff=(0.01, 0.01))
+    deadline = time.monotonic() + 10
+    while not (claimed := await store.claim("stopping", 300, {}, 10)):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert claimed[0].attempts == 2
+    assert await store.release_worker("other") == 0
+    assert await store.release_worker("stopping") == 1
+    again = await store.claim("restarted", 300, {}, 10)
+    assert [(r.id, r.attempts) for r in again] == [(row.id, 2)]

@@ -115,6 +115,9 @@ def test_commitment_reported_on_the_same_association(live_server_factory: Any, t
         refs = [(CT, sops[0]), (CT, sops[1]), (CT, missing), (MR, sops[2])]
         assert request_commitment(assoc, transaction, refs) == 0x0000
         assert reports.arrived.wait(15)
+        # our handler saw the report before pynetdicom answered it: release only once the answer arrived
+        done = _poll(lambda: _delivery(server, transaction, status="done"), what="the delivery done")
+        assert done["outcome"].startswith("reported on the requesting association")
     finally:
         assoc.release()
     assert len(reports.items) == 1
@@ -128,9 +131,11 @@ def test_all_committed_is_event_type_1(live_server_factory: Any, tmp_path: Path)
     sops = _store_with_storescu(server, tmp_path, 2)
     reports = Reports()
     assoc = _requestor(server, reports)
+    transaction = uid.generate_uid()
     try:
-        assert request_commitment(assoc, uid.generate_uid(), [(CT, s) for s in sops]) == 0x0000
+        assert request_commitment(assoc, transaction, [(CT, s) for s in sops]) == 0x0000
         assert reports.arrived.wait(15)
+        _poll(lambda: _delivery(server, transaction, status="done"), what="the delivery done")
     finally:
         assoc.release()
     event_type, info, _ = reports.items[0]
@@ -278,7 +283,8 @@ def index_override(request: pytest.FixtureRequest) -> dict[str, str]:
 def _durable_settings(tmp_path: Path, modality_port: int, index_override: dict[str, str]) -> Settings:
     tenants = _modality_node(modality_port)
     # short back-off: retries every 0.1-0.3 s; attempts enough never to become a dead letter here
-    routing = {"poll_interval": 0.05, "backoff_initial": 0.1, "backoff_max": 0.3, "max_attempts": 10000}
+    routing = {"poll_interval": 0.05, "backoff_initial": 0.1, "backoff_max": 0.3, "max_attempts": 10000,
+               "lease": 5}  # a claim left behind by a stopped server is taken over within seconds
     return dimse_settings(tmp_path, tenants=tenants, routing=routing, **index_override)
 
 
