@@ -21,7 +21,7 @@ from dicomflow.index import schema as t
 from dicomflow.index.base import InstanceRecord, StoreRecord
 from dicomflow.index.query import Query, SearchResults
 from dicomflow.index.sql_search import SqlSearch
-from dicomflow.index.store_tx import SqliteGroupWriter, StoreJob
+from dicomflow.index.store_tx import SqliteGroupWriter, StoreJob, sqlite_pragmas
 from dicomflow.model import ParsedInstance, Source
 from dicomflow.settings import DuplicatePolicy
 
@@ -53,15 +53,7 @@ def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite:///"):
         engine = create_async_engine("sqlite+aiosqlite:///" + url[len("sqlite:///"):],
                                      pool_size=8, max_overflow=8)
-
-        @sa.event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")  # the index is the record: durable commits
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+        sa.event.listen(engine.sync_engine, "connect", sqlite_pragmas)
     elif url.startswith(("postgresql://", "postgres://")):
         # pool_size / max_overflow / pool_timeout in the URL's query size this process's pool (every server
         # and worker has one: keep their sum under the server's max_connections); the rest goes to asyncpg

@@ -409,16 +409,21 @@ class SqliteGroupWriter:
         self._thread.shutdown(wait=True)
 
 
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    # The driver must not open transactions itself, so that BEGIN IMMEDIATE and SAVEPOINT are ours
-    # (SQLAlchemy pysqlite docs, "Serializable isolation / Savepoints / Transactional DDL").
-    dbapi_conn.isolation_level = None
+def sqlite_pragmas(dbapi_conn: Any, _record: Any = None) -> None:
+    """Settings of every SQLite connection to the index (the engine's pool and the group writer's own)."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # the index is the record: durable commits
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # The driver must not open transactions itself, so that BEGIN IMMEDIATE and SAVEPOINT are ours
+    # (SQLAlchemy pysqlite docs, "Serializable isolation / Savepoints / Transactional DDL").
+    dbapi_conn.isolation_level = None
+    sqlite_pragmas(dbapi_conn)
 
 
 def _sqlite_begin(conn: sa.Connection) -> None:

@@ -106,3 +106,24 @@ async def test_overwrite_replaces_and_reports_the_old_blob(tmp_path: Path, index
     assert rows(db, "SELECT blob_key FROM instances") == [("k-new",)]
     assert rows(db, "SELECT num_instances FROM series") == [(1,)]
     assert rows(db, "SELECT num_instances FROM studies") == [(1,)]
+
+
+async def test_every_index_connection_is_wal_full_sync_with_foreign_keys(tmp_path: Path) -> None:
+    """The engine's pool and the group writer's own connection get the same settings (store_tx.sqlite_pragmas)."""
+    from dicomflow.index.sql import make_engine
+    from dicomflow.index.store_tx import SqliteGroupWriter
+
+    pragmas = "journal_mode", "synchronous", "busy_timeout", "foreign_keys"
+    expected = [("wal",), (2,), (30000,), (1,)]  # synchronous 2 = FULL
+    engine = make_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    try:
+        async with engine.connect() as conn:
+            assert [tuple((await conn.exec_driver_sql(f"PRAGMA {p}")).one()) for p in pragmas] == expected
+    finally:
+        await engine.dispose()
+    writer = SqliteGroupWriter(str(tmp_path / "index.db"), asyncio.Lock())
+    with writer._engine.connect() as sync_conn:
+        assert [tuple(sync_conn.exec_driver_sql(f"PRAGMA {p}").one()) for p in pragmas] == expected
+        assert sync_conn.connection.dbapi_connection is not None
+        assert sync_conn.connection.dbapi_connection.isolation_level is None  # BEGIN IMMEDIATE is ours
+    await writer.close()
