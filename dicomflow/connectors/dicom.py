@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dicomflow.connectors.base import DeliveryError, DeliveryJob, Outcome
 from dicomflow.connectors.deid import options_of
-from dicomflow.connectors.forward import DeidentifiedBlobs, instances_for
+from dicomflow.connectors.forward import DeidentifiedBlobs, batches_for
 from dicomflow.engine.context import EngineContext
 from dicomflow.settings import DicomDestination, RemoteNode
 from dicomflow.storage.base import BlobStore
@@ -25,11 +25,9 @@ class DicomConnector:
 
         dest = job.destination
         assert isinstance(dest, DicomDestination)
-        if job.event.type.is_deletion:
-            return Outcome("nothing to forward for a deletion")
-        records = await instances_for(self.ctx, job)
-        if not records:
-            return Outcome("no stored instances (deleted since)")
+        batches = await batches_for(self.ctx, job, dest.batch_size)
+        if isinstance(batches, Outcome):
+            return batches
         blobs: BlobStore = self.ctx.blobs
         if options_of(job.action) is not None:
             blobs = DeidentifiedBlobs(self.ctx.blobs, job.action)
@@ -39,8 +37,8 @@ class DicomConnector:
         ssl_context = client_context(dimse.tls) if dest.tls else None
         scu = StoreScu(blobs, dest.calling_ae_title, dimse, ssl_context)
         results = []
-        for start in range(0, len(records), dest.batch_size):
-            results.extend(await scu.send_async(self.ctx.offloader, node, records[start:start + dest.batch_size]))
+        for batch in batches:
+            results.extend(await scu.send_async(self.ctx.offloader, node, batch))
         failed = [r for r in results if r.outcome is SubOperationOutcome.FAILED]
         warned = sum(1 for r in results if r.outcome is SubOperationOutcome.WARNING)
         if failed:

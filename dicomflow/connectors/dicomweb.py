@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 
 from dicomflow.connectors.base import DeliveryError, DeliveryJob, Outcome, http_failure
-from dicomflow.connectors.forward import instances_for, part10_chunks
+from dicomflow.connectors.forward import batches_for, part10_chunks
 from dicomflow.engine.context import EngineContext
 from dicomflow.index.base import InstanceRecord
 from dicomflow.settings import DicomwebDestination
@@ -44,14 +44,12 @@ class DicomwebConnector:
     async def deliver(self, job: DeliveryJob) -> Outcome:
         dest = job.destination
         assert isinstance(dest, DicomwebDestination)
-        if job.event.type.is_deletion:
-            return Outcome("nothing to forward for a deletion")
-        records = await instances_for(self.ctx, job)
-        if not records:
-            return Outcome("no stored instances (deleted since)")
+        batches = await batches_for(self.ctx, job, dest.batch_size)
+        if isinstance(batches, Outcome):
+            return batches
         sent = 0
-        for start in range(0, len(records), dest.batch_size):
-            sent += await self._post(job, dest, records[start:start + dest.batch_size])
+        for batch in batches:
+            sent += await self._post(job, dest, batch)
         return Outcome(f"{sent} instance(s) stored by STOW-RS")
 
     async def _post(self, job: DeliveryJob, dest: DicomwebDestination, batch: Sequence[InstanceRecord]) -> int:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, BinaryIO
 
-from dicomflow.connectors.base import DeliveryJob
+from dicomflow.connectors.base import DeliveryJob, Outcome
 from dicomflow.connectors.deid import deidentify_part10, options_of
 from dicomflow.engine.context import EngineContext
 from dicomflow.engine.events import EventType
@@ -22,6 +22,18 @@ async def instances_for(ctx: EngineContext, job: DeliveryJob) -> list[InstanceRe
     series = event.series_uid if event.type in (EventType.INSTANCE_STORED, EventType.SERIES_STABLE) else None
     sop = event.sop_uid if event.type is EventType.INSTANCE_STORED else None
     return await ctx.index.list_instances(job.tenant, event.study_uid, series, sop)
+
+
+async def batches_for(ctx: EngineContext, job: DeliveryJob,
+                      batch_size: int) -> list[Sequence[InstanceRecord]] | Outcome:
+    """The instances a forward sends for this event, ``batch_size`` per batch; or, when there is nothing to
+    send (a deletion, or instances deleted since), the delivery's outcome."""
+    if job.event.type.is_deletion:
+        return Outcome("nothing to forward for a deletion")
+    records = await instances_for(ctx, job)
+    if not records:
+        return Outcome("no stored instances (deleted since)")
+    return [records[start:start + batch_size] for start in range(0, len(records), batch_size)]
 
 
 class DeidentifiedBlobs:
