@@ -45,23 +45,33 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("dicomflow serve did not start")
 
 
-async def test_kill_9_during_deliveries_loses_nothing(aiohttp_server: Any, tmp_path: Path) -> None:
+async def hook_and_route(aiohttp_server: Any, tmp_path: Path, delay: float,
+                         in_flight: asyncio.Event | None = None) -> tuple[str, list[str], Path]:
+    """A webhook receiver taking ``delay`` seconds per delivery (``in_flight`` set at the first) and a
+    routes folder sending every instance.stored to it; returns its URL, the delivery ids it received and
+    the folder."""
     received: list[str] = []
-    in_flight = asyncio.Event()
 
-    async def slow_hook(request: web.Request) -> web.Response:
-        in_flight.set()
-        await asyncio.sleep(0.3)
+    async def handler(request: web.Request) -> web.Response:
+        if in_flight is not None:
+            in_flight.set()
+        await asyncio.sleep(delay)
         received.append(request.headers["X-Dicomflow-Delivery"])
         return web.Response(status=204)
 
     app = web.Application()
-    app.router.add_post("/hook", slow_hook)
+    app.router.add_post("/hook", handler)
     hook = await aiohttp_server(app)
     routes = tmp_path / "routes"
     routes.mkdir()
     (routes / "all.yaml").write_text("name: all\nevents: [instance.stored]\n"
                                      "actions: [{type: webhook, destination: hook}]\n")
+    return str(hook.make_url("/hook")), received, routes
+
+
+async def test_kill_9_during_deliveries_loses_nothing(aiohttp_server: Any, tmp_path: Path) -> None:
+    in_flight = asyncio.Event()
+    hook, received, routes = await hook_and_route(aiohttp_server, tmp_path, 0.3, in_flight)
     port = free_port()
     config = tmp_path / "settings.yaml"
     config.write_text(yaml.safe_dump({
@@ -70,8 +80,8 @@ async def test_kill_9_during_deliveries_loses_nothing(aiohttp_server: Any, tmp_p
         "dimse": {"enabled": False},
         "routing": {"routes_dir": str(routes), "mappings_dir": str(SHIPPED_MAPPINGS), "poll_interval": 0.05,
                     "lease": 2.0, "backoff_initial": 0.1, "backoff_max": 0.5,
-                    "destinations": {"hook": {"type": "webhook", "url": str(hook.make_url("/hook")),
-                                              "secret": SECRET, "concurrency": 2}}},
+                    "destinations": {"hook": {"type": "webhook", "url": hook, "secret": SECRET,
+                                              "concurrency": 2}}},
     }))
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
@@ -107,23 +117,10 @@ async def test_kill_9_during_deliveries_loses_nothing(aiohttp_server: Any, tmp_p
 
 async def test_separate_worker_processes_share_the_queue(aiohttp_server: Any, tmp_path: Path) -> None:
     """`dicomflow serve` with routing off plus two `dicomflow worker` processes on the same SQLite index."""
-    received: list[str] = []
-
-    async def hook_handler(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.05)
-        received.append(request.headers["X-Dicomflow-Delivery"])
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook_handler)
-    hook = await aiohttp_server(app)
-    routes = tmp_path / "routes"
-    routes.mkdir()
-    (routes / "all.yaml").write_text("name: all\nevents: [instance.stored]\n"
-                                     "actions: [{type: webhook, destination: hook}]\n")
+    hook, received, routes = await hook_and_route(aiohttp_server, tmp_path, 0.05)
     port = free_port()
     routing = {"routes_dir": str(routes), "mappings_dir": str(SHIPPED_MAPPINGS), "poll_interval": 0.05,
-               "destinations": {"hook": {"type": "webhook", "url": str(hook.make_url("/hook")), "secret": SECRET}}}
+               "destinations": {"hook": {"type": "webhook", "url": hook, "secret": SECRET}}}
     common = {"data_dir": str(tmp_path / "data"), "http": {"port": port}, "dimse": {"enabled": False}}
     serve_config, worker_config = tmp_path / "serve.yaml", tmp_path / "worker.yaml"
     serve_config.write_text(yaml.safe_dump({**common, "routing": {**routing, "enabled": False}}))
