@@ -8,6 +8,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,26 +95,50 @@ def _run_server(settings: Settings, port: int, ready: threading.Event, stop: thr
     asyncio.run(main())
 
 
+class ServerThread:
+    """The full server (HTTP, DIMSE when enabled, routing worker) in a background thread with its own event
+    loop, on a free port, until ``stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        port = free_port()
+        self._stop = threading.Event()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=_run_server, args=(settings, port, ready, self._stop), daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("server did not start")
+        self.live = LiveServer(settings, port)
+
+    def stop(self) -> bool:
+        """Stop the server; returns whether its thread ended (within 30 s)."""
+        self._stop.set()
+        self._thread.join(30)
+        return not self._thread.is_alive()
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[LiveServer]:
+    """A ServerThread for the ``with`` block (module-scoped fixtures: one server for many tests)."""
+    server = ServerThread(settings)
+    try:
+        yield server.live
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def live_server_factory(tmp_path: Path) -> Iterator[Any]:
     """Start real servers (HTTP + DIMSE when enabled) for clients that nobody here wrote."""
-    stops: list[tuple[threading.Event, threading.Thread]] = []
+    servers: list[ServerThread] = []
 
     def start(settings: Settings | None = None, **overrides: Any) -> LiveServer:
-        cfg = settings or make_settings(tmp_path, **overrides)
-        port = free_port()
-        ready, stop = threading.Event(), threading.Event()
-        thread = threading.Thread(target=_run_server, args=(cfg, port, ready, stop), daemon=True)
-        thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("server did not start")
-        stops.append((stop, thread))
-        return LiveServer(cfg, port)
+        server = ServerThread(settings or make_settings(tmp_path, **overrides))
+        servers.append(server)
+        return server.live
 
     yield start
-    for stop, thread in stops:
-        stop.set()
-        thread.join(30)
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

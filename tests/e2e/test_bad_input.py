@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer, make_settings, running_server
 from tests.factory import make_dataset, make_instance, multipart, store_state, to_bytes
 
 pytestmark = pytest.mark.e2e
@@ -23,20 +23,10 @@ DICOM_RELATED = 'multipart/related; type="application/dicom"; boundary=b0undary'
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server for the whole module: every test must leave it able to store (checked after each)."""
-    import threading
-
-    from tests.conftest import _run_server, free_port
-
     settings = make_settings(tmp_path_factory.mktemp("bad"), limits={"max_instance_size": 200_000},
                              routing={"enabled": False})
-    port = free_port()
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(target=_run_server, args=(settings, port, ready, stop), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    yield LiveServer(settings, port)
-    stop.set()
-    thread.join(30)
+    with running_server(settings) as live:
+        yield live
 
 
 @pytest.fixture(autouse=True)

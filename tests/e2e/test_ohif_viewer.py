@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from tests.conftest import LiveServer, _run_server, free_port, make_settings
+from tests.conftest import LiveServer, free_port, make_settings, running_server
 from tests.factory import MR_IMAGE, US_MULTIFRAME, make_dataset
 from tests.harness import ohif
 from tests.harness.browser import Browser, Request
@@ -146,20 +145,12 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     ohif_port = free_port()
     settings = make_settings(tmp_path_factory.mktemp("dicomflow"),
                              http={"cors_origins": [f"http://127.0.0.1:{ohif_port}"]})
-    port, ready, stop = free_port(), threading.Event(), threading.Event()
-    thread = threading.Thread(target=_run_server, args=(settings, port, ready, stop), daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(30), "dicomflow did not start"
-        server = LiveServer(settings, port)
+    with running_server(settings) as server:
         studies = _make_studies()
         client = DICOMwebClient(server.dicomweb)
         for study in studies:
             client.store_instances(study.datasets)
         yield Setup(server, studies, ohif_port)
-    finally:
-        stop.set()
-        thread.join(30)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -11,7 +11,6 @@ transfer syntax and character set.
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tests.conftest import LiveServer, _run_server, free_port, make_settings
+from tests.conftest import LiveServer, make_settings, running_server
 from tests.factory import (
     MR_IMAGE,
     NON_ASCII_NAMES,
@@ -66,15 +65,8 @@ NOT_STORABLE = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = make_settings(tmp_path_factory.mktemp("roundtrip"), routing={"enabled": False})
-    port = free_port()
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(target=_run_server, args=(settings, port, ready, stop), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    yield LiveServer(settings, port)
-    stop.set()
-    thread.join(30)
+    with running_server(make_settings(tmp_path_factory.mktemp("roundtrip"), routing={"enabled": False})) as live:
+        yield live
 
 
 def _storable(path: str) -> bool:

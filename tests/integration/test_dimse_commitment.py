@@ -31,7 +31,7 @@ from dicomflow.dimse.bridge import DimseContext
 from dicomflow.index.sql import SqlIndexStore
 from dicomflow.model import Protocol, Source
 from dicomflow.settings import RemoteNode, Settings, TenantSettings
-from tests.conftest import LiveServer, _run_server, free_port, make_settings
+from tests.conftest import LiveServer, ServerThread, free_port, make_settings
 from tests.factory import make_dataset, to_bytes
 from tests.integration.dimse_peer import (
     PUSH_INSTANCE,
@@ -304,27 +304,6 @@ def _request_and_release(server: LiveServer, transaction: str, refs: list[tuple[
     return recorded
 
 
-class StoppableServer:
-    """A live server (HTTP + DIMSE + routing worker) that the test stops, as conftest's does at teardown."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.port = free_port()
-        self._stop = threading.Event()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=_run_server, args=(settings, self.port, ready, self._stop),
-                                        daemon=True)
-        self._thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("server did not start")
-        self.live = LiveServer(settings, self.port)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
-
-
 def _wait_pending_with_attempt(server: LiveServer, transaction: str) -> dict[str, Any]:
     row = _poll(lambda: _delivery(server, transaction, status="pending") if any(
         r.get("transaction_uid") == transaction and r["last_error"] for r in _deliveries(server)) else None,
@@ -396,7 +375,7 @@ def test_acknowledged_request_survives_a_server_restart(tmp_path: Path, index_ov
     server on the same database delivers it."""
     modality_port = free_port()
     settings = _durable_settings(tmp_path, modality_port, index_override)
-    first = StoppableServer(settings)
+    first = ServerThread(settings)
     try:
         datasets = _store_datasets(first.live, tmp_path, 2)
         transaction = uid.generate_uid()
@@ -404,19 +383,19 @@ def test_acknowledged_request_survives_a_server_restart(tmp_path: Path, index_ov
         _request_and_release(first.live, transaction, [(CT, ds.SOPInstanceUID) for ds in datasets], reports)
         before = _wait_pending_with_attempt(first.live, transaction)
     finally:
-        first.stop()
+        assert first.stop(), "the first server did not stop"
     assert reports.items == []
 
     scp, _ = _modality_scp(reports, modality_port)
-    second: StoppableServer | None = None
+    second: ServerThread | None = None
     try:
-        second = StoppableServer(settings)
+        second = ServerThread(settings)
         assert reports.arrived.wait(15), "the restarted server did not deliver the report"
         done = _poll(lambda: _delivery(second.live, transaction, status="done") if second else None,
                      what="the delivery done")
     finally:
         if second is not None:
-            second.stop()
+            assert second.stop(), "the second server did not stop"
         scp.shutdown()
     assert len(reports.items) == 1
     event_type, info, where = reports.items[0]
