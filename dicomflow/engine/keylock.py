@@ -14,7 +14,9 @@ the processes:
 
 - PostgreSQL: ``pg_advisory_xact_lock(namespace, slot)`` in a transaction on a connection of the index
   engine, held for the body and released when that transaction ends, whatever ends it (commit, rollback
-  when the connection goes back to the pool, the session dying with a crashed process).
+  when the connection goes back to the pool, the session dying with a crashed process). The transaction
+  sits idle during the FHIR call: an ``idle_in_transaction_session_timeout`` shorter than a destination's
+  ``timeout`` would end the session, and the lock, early.
 - SQLite: a POSIX byte-range lock (``fcntl``) at offset ``slot`` of a file beside the database. It takes
   no database write (SQLite has one writer, shared with ingest), and the kernel drops it when the process
   dies; it works wherever SQLite's own locking (also fcntl) does. ``:memory:`` has one process: the
