@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,23 +49,18 @@ class ServerProcess:
         return f"{self.url}/dicomweb"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "dicomflow", "serve", "--config", str(self.config),
-                 "--http-port", str(self.port),
-                 *(["--dimse-port", str(self.dimse_port)] if self.dimse_port else [])],
-                stdout=out, stderr=out, cwd=self.config.parent,
-                env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError("server exited: " + self.log.read_text()[-3000:])
+        self.process = _spawn(["serve", "--config", str(self.config), "--http-port", str(self.port),
+                               *(["--dimse-port", str(self.dimse_port)] if self.dimse_port else [])],
+                              self.config, self.log)
+
+        def ready() -> bool:
             try:
-                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
+                return requests.get(f"{self.url}/readyz", timeout=1).status_code == 200
             except requests.RequestException:
-                pass
-            time.sleep(0.1)
+                return False
+
+        if _wait_ready(self.process, self.log, ready, timeout, "server"):
+            return self
         self.kill()
         raise AssertionError("server did not start: " + self.log.read_text()[-3000:])
 
@@ -74,12 +70,7 @@ class ServerProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        _terminate(self.process)
 
 
 @dataclass
@@ -91,25 +82,43 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "dicomflow", "worker", "--config", str(self.config)],
-                                            stdout=out, stderr=out, cwd=self.config.parent,
-                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError("worker exited: " + self.log.read_text()[-3000:])
-            if "routing worker" in self.log.read_text(errors="replace"):
-                return self
-            time.sleep(0.1)
+        self.process = _spawn(["worker", "--config", str(self.config)], self.config, self.log)
+        if _wait_ready(self.process, self.log, lambda: "routing worker" in self.log.read_text(errors="replace"),
+                       timeout, "worker"):
+            return self
         self.stop()
         raise AssertionError("worker did not start: " + self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        _terminate(self.process)
+
+
+def _spawn(args: list[str], config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m dicomflow *args`` in the config's folder, output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "dicomflow", *args], stdout=out, stderr=out, cwd=config.parent,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _wait_ready(process: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool], timeout: float,
+                what: str) -> bool:
+    """Whether ``ready()`` held within ``timeout`` seconds; AssertionError (with the log) if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited: " + log.read_text()[-3000:])
+        if ready():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _terminate(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
