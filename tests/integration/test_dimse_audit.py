@@ -148,18 +148,21 @@ def test_failed_stores_are_counted_in_the_summary(live_server_factory: Any, tmp_
     assert outcomes == [("0", "1 instance(s) stored, 0 failed"), ("8", "0 instance(s) stored, 1 failed")]
 
 
-def test_audit_costs_little_on_the_store_path(live_server_factory: Any, tmp_path: Path,
-                                              tenants: dict[str, TenantSettings]) -> None:
-    """Audit on vs off for 200 instances over one association: no synchronous audit work per instance."""
-    datasets = [make_dataset(study_uid=generate_uid() if i % 50 == 0 else None) for i in range(200)]
-    files = write_instances(tmp_path / "in", datasets)
-    timings = {}
-    for enabled in (False, True, False, True):
-        server = dimse_server(live_server_factory, tmp_path / f"s{enabled}{time.monotonic_ns()}", tenants=tenants,
-                              audit={"enabled": enabled})
-        t0 = time.perf_counter()
-        storescu(server, files, called="ACME")
-        timings.setdefault(enabled, []).append(time.perf_counter() - t0)
-    on, off = min(timings[True]), min(timings[False])
-    print(f"200 C-STOREs: audit on {on:.2f}s, off {off:.2f}s")
-    assert on < off * 1.5 + 0.5, (on, off)
+def test_audit_work_is_per_study_and_association_not_per_instance(live_server_factory: Any, tmp_path: Path,
+                                                                  tenants: dict[str, TenantSettings]) -> None:
+    """200 instances of 4 studies over one association give 4 records, each counting its 50 instances.
+
+    The store path itself only counts (audit/dimse.py): what costs I/O is one record per study when the
+    association closes, so the audit's share of a C-STORE does not grow with the number of instances.
+    (How much that costs is measured by the benchmarks, not here.)
+    """
+    studies = [generate_uid() for _ in range(4)]
+    datasets = [make_dataset(study_uid=studies[i // 50]) for i in range(200)]
+    server = dimse_server(live_server_factory, tmp_path / "s", tenants=tenants)
+    storescu(server, write_instances(tmp_path / "in", datasets), called="ACME")
+    events = _events(server, "acme", expect=4)
+    stores = [e for e in events if "stored" in e.get("outcomeDesc", "")]
+    assert len(stores) == 4, [e.get("outcomeDesc") for e in events]
+    assert {next(iter(_entities(e) & {f"urn:oid:{u}" for u in studies})) for e in stores} == \
+        {f"urn:oid:{u}" for u in studies}
+    assert all("50 instance(s) stored, 0 failed" in e["outcomeDesc"] for e in stores)
