@@ -227,22 +227,23 @@ def test_storage_commitment_report_over_tls_on_a_new_association(live_server_fac
     assert "1 committed, 0 failed, report delivered" in events[0]["outcomeDesc"]
 
 
-def test_tls_store_throughput(live_server_factory: Any, tmp_path: Path, pki: Pki) -> None:
-    """200 C-STOREs over one association, TLS (client certificate required) vs plain TCP."""
+def test_tls_store_of_many_instances_over_one_association(live_server_factory: Any, tmp_path: Path,
+                                                          pki: Pki) -> None:
+    """200 C-STOREs over one TLS association (client certificate required) are all stored, as over plain TCP.
+
+    (TLS against plain TCP throughput is a benchmark matter, not a test's.)
+    """
     folder = tmp_path / "many"
     folder.mkdir()
     files = []
+    sops = set()
     for i in range(200):
-        path, _sop = _instance(folder, f"{i:03d}.dcm")
+        path, sop = _instance(folder, f"{i:03d}.dcm")
         files.append(path)
+        sops.add(sop)
     plain = start(live_server_factory, tmp_path / "plain")
     secure = _tls_server(live_server_factory, tmp_path / "tls", pki, require_client_cert=True)
-    timings: dict[str, float] = {}
-    for name, server, options in (("plain", plain, ()), ("tls", secure, _client_tls(pki.client, pki))):
-        t0 = time.perf_counter()
+    for server, options in ((plain, ()), (secure, _client_tls(pki.client, pki))):
         result = _storescu(server, *options, files=files)
-        timings[name] = time.perf_counter() - t0
         assert result.returncode == 0, result.stderr
-        assert len(_stored_sops(server)) == 200
-    print(f"200 C-STOREs: plain {timings['plain']:.2f}s, TLS {timings['tls']:.2f}s")
-    assert timings["tls"] < timings["plain"] * 2 + 1.0, timings
+        assert _stored_sops(server) == sops
