@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NewType
 
+from pydicom.datadict import tag_for_keyword
+
 from dicomflow.errors import InvalidRequestError
 
 Uid = NewType("Uid", str)
@@ -24,6 +26,20 @@ def parse_uid(value: str, what: str = "UID") -> Uid:
     if not is_valid_uid(value):
         raise InvalidRequestError(f"invalid {what}: not a DICOM UID (PS3.5 9.1)")
     return Uid(value)
+
+
+#: an attribute tag as 8 hex digits, group then element (PS3.18 F.2.1.1: the JSON model's keys)
+HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+
+
+def attribute_tag(name: str) -> str:
+    """The 8-hex tag of a DICOM keyword (``Modality``) or tag (``00080060``); ValueError if it is neither."""
+    if HEX_TAG.match(name):
+        return name.upper()
+    tag = tag_for_keyword(name)
+    if tag is None:
+        raise ValueError(f"{name!r} is neither a DICOM keyword nor an 8-digit hex tag")
+    return f"{tag:08X}"
 
 
 class Level(StrEnum):

@@ -12,13 +12,13 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag
 
 from dicomflow.engine.events import COMMITMENT_REPORT, EventType
 from dicomflow.engine.yamlfile import parse_duration
+from dicomflow.model import attribute_tag
 
 KEBAB_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
 
 
 class _Strict(BaseModel):
@@ -34,16 +34,6 @@ def _kebab(value: str) -> str:
 KebabName = Annotated[str, BeforeValidator(lambda v: _kebab(v) if isinstance(v, str) else v),
                       Field(max_length=64, pattern=KEBAB_RE.pattern)]
 Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=str | float)]
-
-
-def attribute_tag(name: str) -> str:
-    """The 8-hex tag of a DICOM keyword (``Modality``) or tag (``00080060``)."""
-    if _TAG_RE.match(name):
-        return name.upper()
-    tag = tag_for_keyword(name)
-    if tag is None:
-        raise ValueError(f"{name!r} is neither a DICOM keyword nor an 8-digit hex tag")
-    return f"{tag:08X}"
 
 
 def attribute_label(tag: str) -> str:

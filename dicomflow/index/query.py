@@ -63,11 +63,11 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 
 from dicomflow.errors import InvalidQueryError
 from dicomflow.index.levels import is_series_level, is_study_level
-from dicomflow.model import BULK_PLACEHOLDER, Level, is_valid_uid
+from dicomflow.model import BULK_PLACEHOLDER, HEX_TAG, Level, attribute_tag, is_valid_uid
 
 # -- attribute identifiers -------------------------------------------------------------------------
 
@@ -135,7 +135,6 @@ _RANGE_VRS = frozenset({"DA", "TM", "DT"})
 _DA_RE = re.compile(r"^\d{8}$")
 _TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
-_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 MAX_VALUE_LENGTH = 1024
 #: Largest limit/offset accepted (keeps values within every database's integer range)
 MAX_COUNT = 2**31 - 1
@@ -178,12 +177,10 @@ def name_of(tag: str) -> str:
 
 def resolve_attribute(name: str) -> str:
     """A QIDO attribute ID (keyword or 8 hex digits) -> tag; :class:`InvalidQueryError` if unknown."""
-    if _HEX_TAG.match(name):
-        return name.upper()
-    tag = tag_for_keyword(name)
-    if tag is None:
-        raise InvalidQueryError(f"unknown attribute {name!r}: not a DICOM keyword or tag (PS3.18 8.3.4.1)")
-    return f"{tag:08X}"
+    try:
+        return attribute_tag(name)
+    except ValueError:
+        raise InvalidQueryError(f"unknown attribute {name!r}: not a DICOM keyword or tag (PS3.18 8.3.4.1)") from None
 
 
 # -- query model -----------------------------------------------------------------------------------
@@ -525,7 +522,7 @@ def _identifier_conditions(identifier: Mapping[str, Any], level: Level | None,
     conditions: list[Condition] = []
     for raw_tag, element in identifier.items():
         tag = raw_tag.upper()
-        if not _HEX_TAG.match(tag) or not isinstance(element, Mapping):
+        if not HEX_TAG.match(tag) or not isinstance(element, Mapping):
             raise InvalidQueryError(f"identifier attribute {raw_tag!r} is not a PS3.18 JSON element")
         if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET) or int(tag[4:], 16) == 0:
             continue

@@ -10,9 +10,9 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from dicomflow.engine.matching import condition_holds, values_of
-from dicomflow.engine.routes import attribute_tag
 from dicomflow.mapping.model import Mapping, ResourceTemplate
 from dicomflow.mapping.view import InstanceView, SeriesView, StudyView
+from dicomflow.model import attribute_tag
 
 #: DICOM Coding Scheme Designators -> FHIR code system URIs (PS3.16 Table 8-1 / FHIR terminology)
 CODE_SYSTEMS = {

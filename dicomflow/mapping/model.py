@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dicomflow.engine.routes import ConditionSpec, KebabName, attribute_tag
+from dicomflow.engine.routes import ConditionSpec, KebabName
+from dicomflow.model import attribute_tag
 
 #: operation -> the option keys it accepts besides its own
 OPERATIONS: dict[str, frozenset[str]] = {
