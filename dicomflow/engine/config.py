@@ -7,9 +7,11 @@ with file and line, and the previous set stays in force (the running server keep
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from collections.abc import Mapping as MappingType
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from dicomflow.engine.events import EventType
 from dicomflow.engine.routes import Route
@@ -18,6 +20,8 @@ from dicomflow.mapping.model import Mapping
 from dicomflow.settings import Destination, Settings
 
 logger = logging.getLogger(__name__)
+
+_Named = TypeVar("_Named", Route, Mapping)
 
 #: which destination type each action type needs
 _ACTION_DESTINATION = {"fhir": "fhir", "dicomweb": "dicomweb", "dicom": "dicom", "webhook": "webhook"}
@@ -71,23 +75,33 @@ def fingerprint(folders: list[Path]) -> tuple[tuple[str, float, int], ...]:
     return tuple(out)
 
 
-def load_mappings(folder: Path) -> tuple[dict[str, Loaded[Mapping]], list[Problem]]:
-    found: dict[str, Loaded[Mapping]] = {}
+def _load_named(folder: Path, model: type[_Named], kind: str,
+                check: Callable[[Loaded[_Named]], list[Problem]] | None = None,
+                ) -> tuple[dict[str, Loaded[_Named]], list[Problem]]:
+    """Every YAML file of ``folder`` as a ``model`` (a route or a mapping), by name; the problems of each file
+    (or of ``check`` on it), in file order. A name defined twice is a problem of the second file."""
+    found: dict[str, Loaded[_Named]] = {}
     problems: list[Problem] = []
-    if not folder.is_dir():
-        return found, problems
     for path in _yaml_files(folder):
         try:
-            loaded = load_model(path, Mapping)
+            loaded = load_model(path, model)
         except ConfigFileError as exc:
             problems.extend(exc.problems)
             continue
         name = loaded.value.name
         if name in found:
-            problems.append(loaded.problem(("name",), f"mapping {name!r} is also defined in {found[name].file}"))
+            problems.append(loaded.problem(("name",), f"{kind} {name!r} is also defined in {found[name].file}"))
             continue
         found[name] = loaded
+        if check is not None:
+            problems.extend(check(loaded))
     return found, problems
+
+
+def load_mappings(folder: Path) -> tuple[dict[str, Loaded[Mapping]], list[Problem]]:
+    if not folder.is_dir():
+        return {}, []
+    return _load_named(folder, Mapping, "mapping")
 
 
 def load_route_set(routes_dir: Path | None, mappings_dir: Path, settings: Settings,
@@ -99,19 +113,9 @@ def load_route_set(routes_dir: Path | None, mappings_dir: Path, settings: Settin
     if routes_dir is not None:
         if not routes_dir.is_dir():
             raise ConfigFileError([Problem(str(routes_dir), None, "routes folder not found")])
-        for path in _yaml_files(routes_dir):
-            try:
-                loaded = load_model(path, Route)
-            except ConfigFileError as exc:
-                problems.extend(exc.problems)
-                continue
-            route = loaded.value
-            if route.name in routes:
-                problems.append(loaded.problem(("name",), f"route {route.name!r} is also defined in "
-                                                          f"{routes[route.name].file}"))
-                continue
-            routes[route.name] = loaded
-            problems.extend(_check_route(loaded, mappings, dests, settings))
+        routes, route_problems = _load_named(routes_dir, Route, "route",
+                                             lambda loaded: _check_route(loaded, mappings, dests, settings))
+        problems.extend(route_problems)
     if problems:
         raise ConfigFileError(problems)
     return RouteSet({n: r.value for n, r in routes.items()}, {n: m.value for n, m in mappings.items()},

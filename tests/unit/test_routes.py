@@ -107,6 +107,18 @@ def test_every_problem_of_every_file_is_reported_and_names_must_be_unique(tmp_pa
     assert "c.yaml:5: unknown destination 'nowhere'" in text
 
 
+def test_mapping_names_must_be_unique(tmp_path: Path) -> None:
+    mappings = tmp_path / "mappings"
+    shipped = (SHIPPED_MAPPINGS / "imagingstudy-default.yaml").read_text()
+    write(mappings, "a.yaml", shipped)
+    write(mappings, "b.yaml", shipped)
+    with pytest.raises(ConfigFileError) as info:
+        load_route_set(None, mappings, settings_with(tmp_path))
+    [problem] = info.value.problems
+    assert str(problem).startswith(f"{mappings / 'b.yaml'}:")
+    assert "mapping 'imagingstudy-default' is also defined in" in str(problem) and "a.yaml" in str(problem)
+
+
 def test_durations() -> None:
     assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("1h") == 3600
     assert parse_duration(2.5) == 2.5 and parse_duration("250ms") == 0.25
