@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,29 +187,40 @@ async def started() -> AsyncIterator[list[ServerProcess]]:
         await asyncio.to_thread(server.stop)
 
 
+async def _under_load(config: Path, tmp_path: Path, started: list[ServerProcess],
+                      fault: Callable[[ServerProcess], Awaitable[None]]) -> tuple[ServerProcess, Load, float, float]:
+    """A server process on ``config`` under STOW-RS load: 1.5 s of load, then ``fault`` (the fault window),
+    then 5 s to recover. Returns the server, the load's outcome and the start and end of the window."""
+    server = ServerProcess(config, free_port(), tmp_path / "server.log")
+    started.append(server)
+    await asyncio.to_thread(server.start)
+    load = Load(server.dicomweb)
+    tasks = await load.run()
+    await asyncio.sleep(1.5)
+    fault_started = time.monotonic()
+    await fault(server)
+    fault_ended = time.monotonic()
+    await asyncio.sleep(5.0)
+    load.stop.set()
+    await asyncio.gather(*tasks)
+    return server, load, fault_started, fault_ended
+
+
 async def test_postgresql_restarted_under_stow_load(private_cluster: PgCluster, seaweed: SeaweedS3,
                                                     s3_shared_bucket: str, tmp_path: Path,
                                                     started: list[ServerProcess]) -> None:
     index_url = await _database(private_cluster.admin_url)
     prefix = f"t-{uuid.uuid4().hex[:12]}/"
     config = _config(tmp_path, index_url, seaweed.endpoint, seaweed, s3_shared_bucket, prefix)
-    server = ServerProcess(config, free_port(), tmp_path / "server.log")
-    started.append(server)
-    await asyncio.to_thread(server.start)
 
-    load = Load(server.dicomweb)
-    tasks = await load.run()
-    await asyncio.sleep(1.5)
-    fault_started = time.monotonic()
-    await asyncio.to_thread(private_cluster.pause)  # pg_ctl stop -m fast: sessions terminated
-    async with aiohttp.ClientSession() as session, session.get(f"{server.url}/readyz") as ready:
-        assert ready.status == 503
-    await asyncio.sleep(3.0)
-    await asyncio.to_thread(private_cluster.resume)
-    fault_ended = time.monotonic()
-    await asyncio.sleep(5.0)
-    load.stop.set()
-    await asyncio.gather(*tasks)
+    async def restart_postgresql(server: ServerProcess) -> None:
+        await asyncio.to_thread(private_cluster.pause)  # pg_ctl stop -m fast: sessions terminated
+        async with aiohttp.ClientSession() as session, session.get(f"{server.url}/readyz") as ready:
+            assert ready.status == 503
+        await asyncio.sleep(3.0)
+        await asyncio.to_thread(private_cluster.resume)
+
+    server, load, fault_started, fault_ended = await _under_load(config, tmp_path, started, restart_postgresql)
     assert server.process is not None and server.process.poll() is None, "the server kept running"
     await _assert_outcome(load, server, index_url, seaweed, s3_shared_bucket, prefix, config, fault_started,
                           fault_ended)
@@ -240,21 +251,13 @@ async def test_s3_faults_under_stow_load(kind: str, pg_admin_url: str, seaweed: 
         index_url = await _database(pg_admin_url)
         prefix = f"t-{uuid.uuid4().hex[:12]}/"
         config = _config(tmp_path, index_url, proxy.endpoint, seaweed, s3_shared_bucket, prefix, read_timeout=1.0)
-        server = ServerProcess(config, free_port(), tmp_path / "server.log")
-        started.append(server)
-        await asyncio.to_thread(server.start)
 
-        load = Load(server.dicomweb)
-        tasks = await load.run()
-        await asyncio.sleep(1.5)
-        fault_started = time.monotonic()
-        window["on"] = True
-        await asyncio.sleep(3.0)
-        window["on"] = False
-        fault_ended = time.monotonic()
-        await asyncio.sleep(5.0)
-        load.stop.set()
-        await asyncio.gather(*tasks)
+        async def uploads_failing(_server: ServerProcess) -> None:
+            window["on"] = True
+            await asyncio.sleep(3.0)
+            window["on"] = False
+
+        server, load, fault_started, fault_ended = await _under_load(config, tmp_path, started, uploads_failing)
         await _assert_outcome(load, server, index_url, seaweed, s3_shared_bucket, prefix, config, fault_started,
                               fault_ended)
     finally:
