@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -123,6 +126,38 @@ def multipart(parts: list[bytes], boundary: str = "dicomflow-test-boundary",
         out.write(b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def split_multipart(body: bytes, content_type: str) -> list[bytes]:
+    """The part bodies of a multipart/related message (PS3.18 8.7.1), given its Content-Type header."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    assert match, content_type
+    parts = []
+    for chunk in body.split(b"--" + match.group(1).encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _headers, _, content = chunk.partition(b"\r\n\r\n")
+        parts.append(content.removesuffix(b"\r\n"))
+    return parts
+
+
+async def get_multipart(url: str, accept: str | None,
+                        session: aiohttp.ClientSession | None = None) -> tuple[int, str, list[tuple[str, bytes]]]:
+    """GET ``url`` and read the answer with aiohttp's multipart reader: the status, the Content-Type and the
+    (Content-Type, body) of every part ([] unless the status is 200)."""
+    headers = {"Accept": accept} if accept is not None else {}
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+        resp = await stack.enter_async_context(session.get(url, headers=headers))
+        if resp.status != 200:
+            return resp.status, resp.headers.get("Content-Type", ""), []
+        reader = aiohttp.MultipartReader.from_response(resp)
+        parts = []
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            parts.append((part.headers["Content-Type"], bytes(await part.read())))
+        return resp.status, resp.headers["Content-Type"], parts
 
 
 # -- more modalities, transfer syntaxes and character sets (issue 2, item 9) --------------------------

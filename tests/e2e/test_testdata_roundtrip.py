@@ -46,6 +46,7 @@ from tests.factory import (
     make_us_multiframe,
     make_whole_slide,
     multipart,
+    split_multipart,
     store_state,
     to_bytes,
     with_transfer_syntax,
@@ -85,18 +86,6 @@ def _storable(path: str) -> bool:
     return all(uid and pydicom.uid.UID(str(uid)).is_valid for uid in uids)  # PS3.5 9.1 syntax
 
 
-def _multipart_parts(body: bytes, content_type: str) -> list[bytes]:
-    boundary = next(p.split("=", 1)[1].strip('"') for p in content_type.split(";")
-                    if p.strip().lower().startswith("boundary="))
-    parts = []
-    for chunk in body.split(b"--" + boundary.encode())[1:]:
-        if chunk.startswith(b"--"):
-            break
-        _headers, _, content = chunk.partition(b"\r\n\r\n")
-        parts.append(content.removesuffix(b"\r\n"))
-    return parts
-
-
 def roundtrip(server: LiveServer, data: bytes, tenant_url: str | None = None) -> tuple[int, bytes | None]:
     """STOW one instance, fetch it back with WADO-RS (any transfer syntax), then DELETE it."""
     root = tenant_url or server.dicomweb
@@ -107,7 +96,7 @@ def roundtrip(server: LiveServer, data: bytes, tenant_url: str | None = None) ->
     url = resp.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
     got = requests.get(url, headers={"Accept": ANY_TS}, timeout=60)
     assert got.status_code == 200, url
-    (content,) = _multipart_parts(got.content, got.headers["Content-Type"])
+    (content,) = split_multipart(got.content, got.headers["Content-Type"])
     study_url = url.split("/series/")[0]
     assert requests.delete(study_url, timeout=60).status_code in (200, 202, 204)
     return resp.status_code, content

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.factory import make_dataset, multipart, to_bytes
+from tests.factory import get_multipart, make_dataset, multipart, to_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -57,32 +57,20 @@ async def _store_and_urls(s: dict[str, Any], session: aiohttp.ClientSession) -> 
     return urls
 
 
-async def _parts(session: aiohttp.ClientSession, url: str, accept: str | None) -> tuple[int, list[tuple[str, bytes]]]:
-    async with session.get(url, headers={"Accept": accept} if accept else {}) as resp:
-        if resp.status != 200:
-            return resp.status, []
-        reader = aiohttp.MultipartReader.from_response(resp)
-        out = []
-        while (part := await reader.next()) is not None:
-            assert isinstance(part, aiohttp.BodyPartReader)
-            out.append((part.headers["Content-Type"], bytes(await part.read())))
-        return 200, out
-
-
 async def test_stored_encodings(stored: dict[str, Any]) -> None:
     async with aiohttp.ClientSession() as session:
         urls = await _store_and_urls(stored, session)
         for name in FILES:
             raw = stored["blobs"][name]
-            status, parts = await _parts(session, urls[name], STAR)
+            status, _, parts = await get_multipart(urls[name], STAR, session)
             assert status == 200 and parts[0][1] == raw, name  # byte-exact as stored
-            status, parts = await _parts(session, urls[name], None)  # default: Explicit VR Little Endian
+            status, _, parts = await get_multipart(urls[name], None, session)  # default: Explicit VR Little Endian
             assert status == 200, name
             got = pydicom.dcmread(io.BytesIO(parts[0][1]))
             original = pydicom.dcmread(io.BytesIO(raw))
             assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian, name
             assert np.array_equal(got.pixel_array, original.pixel_array), name
-            status, frames = await _parts(session, urls[name] + "/frames/1", None)
+            status, _, frames = await get_multipart(urls[name] + "/frames/1", None, session)
             assert status == 200 and frames[0][0].startswith("application/octet-stream"), name
             first = original.pixel_array if int(original.get("NumberOfFrames", 1) or 1) == 1 else \
                 original.pixel_array[0]
@@ -93,12 +81,12 @@ async def test_video_only_as_stored(stored: dict[str, Any]) -> None:
     async with aiohttp.ClientSession() as session:
         urls = await _store_and_urls(stored, session)
         url, raw = urls["video"], stored["blobs"]["video"]
-        status, parts = await _parts(session, url, STAR)
+        status, _, parts = await get_multipart(url, STAR, session)
         assert status == 200 and parts[0][1] == raw
-        assert (await _parts(session, url, None))[0] == 406  # no decoder for MPEG-4 here
-        assert (await _parts(session, url + "/frames/1", STAR))[0] == 400
-        status, parts = await _parts(session, url + "/bulkdata/7FE00010",
-                                     "multipart/related; type=application/octet-stream; transfer-syntax=*")
+        assert (await get_multipart(url, None, session))[0] == 406  # no decoder for MPEG-4 here
+        assert (await get_multipart(url + "/frames/1", STAR, session))[0] == 400
+        status, _, parts = await get_multipart(url + "/bulkdata/7FE00010",
+                                     "multipart/related; type=application/octet-stream; transfer-syntax=*", session)
         assert status == 200 and len(parts) == 1
         assert parts[0][0] == f"video/mp4; transfer-syntax={MPEG4}"
         assert parts[0][1] == b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
@@ -111,9 +99,9 @@ async def test_instance_without_pixels_has_no_frames(stored: dict[str, Any]) -> 
         root = stored["server"].dicomweb
         async with session.post(f"{root}/studies", data=body, headers={"Content-Type": ctype}) as r:
             url = (await r.json(content_type=None))["00081199"]["Value"][0]["00081190"]["Value"][0]
-        assert (await _parts(session, url + "/frames/1", None))[0] == 404
+        assert (await get_multipart(url + "/frames/1", None, session))[0] == 404
         async with session.get(url + "/rendered") as resp:
             assert resp.status == 406
-        status, parts = await _parts(session, url, 'multipart/related; type="application/dicom"; '
-                                                   'transfer-syntax=1.2.840.10008.1.2')
+        status, _, parts = await get_multipart(url, 'multipart/related; type="application/dicom"; '
+                                                   'transfer-syntax=1.2.840.10008.1.2', session)
         assert status == 200 and pydicom.dcmread(io.BytesIO(parts[0][1])).PatientID == sr.PatientID

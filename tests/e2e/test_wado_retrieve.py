@@ -20,7 +20,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.factory import make_dataset, to_bytes
+from tests.factory import get_multipart, make_dataset, to_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -57,19 +57,6 @@ def stored(live_server: Any) -> dict[str, Any]:
     return {"study": study, "series": (s1, s2), "data": info, "client": client, "server": live_server}
 
 
-async def _get_parts(url: str, accept: str | None) -> tuple[int, str, list[tuple[str, bytes]]]:
-    headers = {"Accept": accept} if accept is not None else {}
-    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
-        if resp.status != 200:
-            return resp.status, resp.headers.get("Content-Type", ""), []
-        reader = aiohttp.MultipartReader.from_response(resp)
-        parts = []
-        while (part := await reader.next()) is not None:
-            assert isinstance(part, aiohttp.BodyPartReader)
-            parts.append((part.headers["Content-Type"], bytes(await part.read())))
-        return resp.status, resp.headers["Content-Type"], parts
-
-
 def _instance_url(s: dict[str, Any], name: str) -> str:
     series, sop, _raw = s["data"][name]
     return f"{s['server'].dicomweb}/studies/{s['study']}/series/{series}/instances/{sop}"
@@ -77,7 +64,7 @@ def _instance_url(s: dict[str, Any], name: str) -> str:
 
 @pytest.mark.parametrize("name", ["ele", "ile", "jls", "j2k", "rle"])
 async def test_instance_retrieve_is_byte_exact_with_any_transfer_syntax(stored: dict[str, Any], name: str) -> None:
-    status, ctype, parts = await _get_parts(
+    status, ctype, parts = await get_multipart(
         _instance_url(stored, name), 'multipart/related; type="application/dicom"; transfer-syntax=*')
     assert status == 200
     assert ctype.startswith("multipart/related") and 'type="application/dicom"' in ctype
@@ -103,7 +90,8 @@ def test_dicomweb_client_retrieves_study_series_instance(stored: dict[str, Any])
 @pytest.mark.parametrize("name", ["ile", "jls", "j2k", "rle"])
 async def test_default_transfer_syntax_is_explicit_le_with_equal_pixels(stored: dict[str, Any], name: str) -> None:
     # PS3.18 8.7.3.5.2: no transfer-syntax parameter means Explicit VR Little Endian
-    status, _ctype, parts = await _get_parts(_instance_url(stored, name), 'multipart/related; type="application/dicom"')
+    status, _ctype, parts = await get_multipart(_instance_url(stored, name),
+                                                'multipart/related; type="application/dicom"')
     assert status == 200
     part_type, body = parts[0]
     assert part_type == f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
@@ -116,7 +104,7 @@ async def test_default_transfer_syntax_is_explicit_le_with_equal_pixels(stored: 
 
 @pytest.mark.parametrize("target", [JPEGLSLossless, JPEG2000Lossless, RLELossless, JPEGLosslessSV1])
 async def test_transcodes_to_lossless_compressed_syntaxes(stored: dict[str, Any], target: str) -> None:
-    status, _ctype, parts = await _get_parts(
+    status, _ctype, parts = await get_multipart(
         _instance_url(stored, "ele"), f'multipart/related; type="application/dicom"; transfer-syntax={target}')
     assert status == 200
     part_type, body = parts[0]
@@ -129,16 +117,16 @@ async def test_transcodes_to_lossless_compressed_syntaxes(stored: dict[str, Any]
 async def test_q_values_and_star_pick_preferred(stored: dict[str, Any]) -> None:
     accept = (f'multipart/related; type="application/dicom"; transfer-syntax={JPEGLSLossless}; q=0.5, '
               'multipart/related; type="application/dicom"; transfer-syntax=*; q=0.9')
-    status, _c, parts = await _get_parts(_instance_url(stored, "j2k"), accept)
+    status, _c, parts = await get_multipart(_instance_url(stored, "j2k"), accept)
     assert status == 200 and parts[0][1] == stored["data"]["j2k"][2]
     for accept in (None, "*/*"):
-        status, _c, parts = await _get_parts(_instance_url(stored, "ele"), accept)
+        status, _c, parts = await get_multipart(_instance_url(stored, "ele"), accept)
         assert status == 200 and parts[0][1] == stored["data"]["ele"][2]
 
 
 async def test_study_retrieve_mixes_exact_and_transcoded(stored: dict[str, Any]) -> None:
     url = f"{stored['server'].dicomweb}/studies/{stored['study']}"
-    status, _c, parts = await _get_parts(url, 'multipart/related; type="application/dicom"')
+    status, _c, parts = await get_multipart(url, 'multipart/related; type="application/dicom"')
     assert status == 200 and len(parts) == 5
     for part_type, body in parts:
         assert part_type.endswith(ExplicitVRLittleEndian)

@@ -5,7 +5,6 @@ Real clients on both sides: dcmtk (storescu, findscu, movescu -> storescp) and d
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import RLELossless, generate_uid
 
 from dicomflow.settings import RemoteNode, TenantSettings
-from tests.factory import make_dataset
+from tests.factory import make_dataset, split_multipart
 from tests.integration.dcmtk import (
     dataset_bytes,
     dimse_server,
@@ -29,20 +28,6 @@ from tests.integration.dcmtk import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def _multipart_parts(response: requests.Response) -> list[bytes]:
-    """The bodies of a multipart/related response (PS3.18 8.7.1)."""
-    match = re.search(r'boundary="?([^";]+)"?', response.headers["Content-Type"])
-    assert match, response.headers["Content-Type"]
-    boundary = b"--" + match.group(1).encode()
-    parts = []
-    for chunk in response.content.split(boundary)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        _headers, _, body = chunk.partition(b"\r\n\r\n")
-        parts.append(body.removesuffix(b"\r\n"))
-    return parts
 
 
 def test_cstore_found_by_qido_and_retrieved_by_wado_identically(live_server_factory: Any, tmp_path: Path) -> None:
@@ -71,7 +56,7 @@ def test_cstore_found_by_qido_and_retrieved_by_wado_identically(live_server_fact
         response = requests.get(url, headers={
             "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}, timeout=30)
         assert response.status_code == 200
-        [part] = _multipart_parts(response)
+        [part] = split_multipart(response.content, response.headers["Content-Type"])
         assert dataset_bytes(part) == dataset_bytes(path)
 
 

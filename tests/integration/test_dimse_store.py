@@ -35,6 +35,7 @@ from tests.factory import (
     make_sr,
     make_us_multiframe,
     make_whole_slide,
+    split_multipart,
     store_state,
     to_bytes,
     with_transfer_syntax,
@@ -409,17 +410,6 @@ def test_instance_over_the_size_limit_is_refused_with_a700(live_server_factory: 
     assert state.spool == []
 
 
-def _multipart_parts(body: bytes, content_type: str) -> list[bytes]:
-    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
-    parts = []
-    for chunk in body.split(b"--" + boundary)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        _, _, payload = chunk.partition(b"\r\n\r\n")
-        parts.append(payload.removesuffix(b"\r\n"))
-    return parts
-
-
 def test_cstore_then_wado_retrieve_is_identical(live_server_factory: Any, tmp_path: Path) -> None:
     """Cross-protocol: what storescu stored, WADO-RS returns byte for byte (PS3.18 10.4.1.1.1)."""
     server = start(live_server_factory, tmp_path)
@@ -439,7 +429,7 @@ def test_cstore_then_wado_retrieve_is_identical(live_server_factory: Any, tmp_pa
         accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
         req = urllib.request.Request(url, headers={"Accept": accept})
         with urllib.request.urlopen(req, timeout=30) as resp:
-            parts = _multipart_parts(resp.read(), resp.headers["Content-Type"])
+            parts = split_multipart(resp.read(), resp.headers["Content-Type"])
         assert len(parts) == 1
         assert parts[0] == blobs[("default", sop)]  # the stored object, unchanged
         assert dataset_part(parts[0]) == dataset_part(path.read_bytes()), ts  # = what storescu sent

@@ -21,7 +21,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.factory import make_dataset, multipart, to_bytes
+from tests.factory import make_dataset, multipart, split_multipart, to_bytes
 from tests.harness.medplum import FhirServer, fhir_server  # noqa: F401
 from tests.harness.postgres import run_async
 from tests.harness.seaweed import SeaweedS3
@@ -44,11 +44,6 @@ events: [study.stable]
 stable_after: {QUIET}s
 actions: [{{type: dicom, destination: pacs}}]
 """
-
-
-def _parts(response: requests.Response) -> list[bytes]:
-    boundary = ("--" + response.headers["Content-Type"].split("boundary=")[1].strip('"')).encode()
-    return [part.split(b"\r\n\r\n", 1)[1][:-2] for part in response.content.split(boundary)[1:-1]]
 
 
 async def _deliveries(url: str) -> list[asyncpg.Record]:
@@ -146,7 +141,7 @@ def test_three_servers_two_workers_deliver_each_route_once(
                     response = requests.get(f"{server.dicomweb}/studies/{study}", headers={"Accept": MULTIPART},
                                             timeout=120)
                     assert response.status_code == 200
-                    bodies = _parts(response)
+                    bodies = split_multipart(response.content, response.headers["Content-Type"])
                     if study in sent:
                         assert set(bodies) == set(sent[study].values())
                     else:
