@@ -48,7 +48,7 @@ import asyncpg  # type: ignore[import-untyped]
 from bench import data
 from bench.qido import QUERY_KINDS, LatencyResult, Query, query_mix, timed_get
 from bench.servers import ORTHANC_START, Server, free_port
-from bench.stow import StowResult, _post
+from bench.stow import stow_spread
 from dicomflow.index import migrate
 from dicomflow.index.sql import SqlIndexStore, make_engine
 from dicomflow.ingest.parse import parse_part10
@@ -211,36 +211,6 @@ def start_orthanc(backends: Backends) -> tuple[Server, str]:
 
 
 # -- load -----------------------------------------------------------------------------------------------
-
-
-async def stow_spread(targets: list[Server], bodies: list[tuple[bytes, int]], clients: int,
-                      budget: float) -> StowResult:
-    """``clients`` concurrent clients, each request to the next server in turn; timed wall clock."""
-    result = StowResult(sent=sum(n for _b, n in bodies))
-    result.held_before = await asyncio.to_thread(targets[0].count_instances)
-    queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
-    for item in bodies:
-        queue.put_nowait(item)
-    rotation = itertools.cycle(targets)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
-                                     connector=aiohttp.TCPConnector(limit=0)) as session:
-
-        async def client() -> None:
-            while True:
-                try:
-                    body, n = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await _post(session, next(rotation), body, n, result)
-
-        start = time.perf_counter()
-        try:
-            await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), budget)
-        except TimeoutError:
-            result.http_errors += 1  # over budget: what was not sent counts as not stored
-        result.seconds = time.perf_counter() - start
-    result.held_after = await asyncio.to_thread(targets[0].count_instances)
-    return result
 
 
 async def qido_spread(targets: list[Server], queries: list[Query], clients: int,
@@ -527,7 +497,7 @@ async def ingest_and_qido(args: argparse.Namespace, backends: Backends, report: 
                         break
                     plans, bodies = ingest_bodies(args.ingest)
                     plans_all += plans
-                    res = await stow_spread(targets, bodies, args.clients, left)
+                    res = await stow_spread(targets, bodies, args.clients, left, request_timeout=300)
                     report.ingest.setdefault(name, []).append({**asdict(res), "rate": res.rate, "lost": res.lost})
             if "qido" in args.phases and plans_all:
                 deadline = time.monotonic() + args.budget

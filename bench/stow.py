@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -65,12 +66,20 @@ async def _post(session: aiohttp.ClientSession, server: Server, body: bytes, n: 
 
 async def stow_load(server: Server, bodies: list[tuple[bytes, int]], concurrency: int) -> StowResult:
     """Post ``bodies`` (multipart body, instances in it) with ``concurrency`` clients; wall-clock timed."""
+    return await stow_spread([server], bodies, concurrency)
+
+
+async def stow_spread(targets: list[Server], bodies: list[tuple[bytes, int]], clients: int,
+                      budget: float | None = None, request_timeout: float = 600) -> StowResult:
+    """``clients`` concurrent clients, each request to the next server in turn; timed wall clock. Past
+    ``budget`` seconds the rest is not sent (and counts as not stored)."""
     result = StowResult(sent=sum(n for _b, n in bodies))
     queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
     for item in bodies:
         queue.put_nowait(item)
-    result.held_before = await asyncio.to_thread(server.count_instances)
-    timeout = aiohttp.ClientTimeout(total=600)
+    result.held_before = await asyncio.to_thread(targets[0].count_instances)
+    rotation = itertools.cycle(targets)
+    timeout = aiohttp.ClientTimeout(total=request_timeout)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def client() -> None:
@@ -79,10 +88,17 @@ async def stow_load(server: Server, bodies: list[tuple[bytes, int]], concurrency
                     body, n = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await _post(session, server, body, n, result)
+                await _post(session, next(rotation), body, n, result)
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        load = asyncio.gather(*(client() for _ in range(clients)))
+        if budget is None:
+            await load
+        else:
+            try:
+                await asyncio.wait_for(load, budget)
+            except TimeoutError:
+                result.http_errors += 1  # over budget: what was not sent counts as not stored
         result.seconds = time.perf_counter() - start
-    result.held_after = await asyncio.to_thread(server.count_instances)
+    result.held_after = await asyncio.to_thread(targets[0].count_instances)
     return result
