@@ -149,30 +149,35 @@ def test_oversized_control_pdu_is_aborted_before_it_is_read(server: Any) -> None
     _assert_serving(server)
 
 
-def test_oversized_pdata_on_an_association_is_aborted(server: Any) -> None:
+def _verification_association(server: Any) -> Any:
+    """An established pynetdicom association (MODALITY -> DICOMFLOW) proposing Verification."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(VERIFICATION, uid.ImplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW")
     assert assoc.is_established
+    return assoc
+
+
+def _wait_until_closed(assoc: Any, within: float, step: float) -> None:
+    deadline = time.monotonic() + within
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(step)
+
+
+def test_oversized_pdata_on_an_association_is_aborted(server: Any) -> None:
+    assoc = _verification_association(server)
     # we announced 64 KiB (settings.dimse.max_pdu); a P-DATA-TF of 1 MiB breaks PS3.8 D.1
     assert assoc.acceptor.maximum_length == 65536
     raw = assoc.dul.socket.socket
     raw.sendall(b"\x04\x00" + struct.pack(">I", 1024 * 1024) + b"\x00" * 1024)
-    deadline = time.monotonic() + 10
-    while assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_until_closed(assoc, 10, 0.05)
     assert assoc.is_aborted
     _assert_serving(server)
 
 
 def test_idle_association_is_closed_after_network_timeout(server: Any) -> None:
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(VERIFICATION, uid.ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", dimse_port(server), ae_title="DICOMFLOW")
-    assert assoc.is_established
-    deadline = time.monotonic() + 15
-    while assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assoc = _verification_association(server)
+    _wait_until_closed(assoc, 15, 0.1)
     assert not assoc.is_established  # network_timeout=2s on the server
     _assert_serving(server)
 
