@@ -70,7 +70,7 @@ class ServerProcess:
             self.process.wait(10)
 
     def stop(self) -> None:
-        _terminate(self.process)
+        terminate(self.process)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class WorkerProcess:
         raise AssertionError("worker did not start: " + self.log.read_text()[-3000:])
 
     def stop(self) -> None:
-        _terminate(self.process)
+        terminate(self.process)
 
 
 def _spawn(args: list[str], config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -113,12 +113,12 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, ready: Callable[[],
     return False
 
 
-def _terminate(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM, then SIGKILL after 30 s."""
+def terminate(process: subprocess.Popen[Any] | None, grace: float = 30.0, after_kill: float = 10.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
     if process is not None and process.poll() is None:
         process.terminate()
         try:
-            process.wait(30)
+            process.wait(grace)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(10)
+            process.wait(after_kill)

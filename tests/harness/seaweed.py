@@ -24,6 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dicomflow.storage.s3 import S3Options
+from tests.harness.processes import terminate
 
 SEAWEEDFS_VERSION = "4.48"
 
@@ -144,11 +145,5 @@ class SeaweedS3:
         return server
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(15)
+        terminate(self.process, grace=15, after_kill=15)
         shutil.rmtree(self.base, ignore_errors=True)

@@ -21,6 +21,7 @@ from pynetdicom.dsutils import split_dataset
 
 from tests.conftest import LiveServer, make_settings
 from tests.factory import store_state
+from tests.harness.processes import terminate
 
 #: PS3.15-free but important: without TCP_NODELAY dcmtk waits on delayed ACKs (COMPONENTS.md).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -75,12 +76,7 @@ def storescp(directory: Path, ae_title: str = "DEST", *options: str) -> Iterator
         wait_port(port)
         yield StoreScp(ae_title, port, directory, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc, grace=10)
 
 
 def run(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
