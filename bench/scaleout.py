@@ -49,13 +49,12 @@ from bench import data
 from bench.qido import QUERY_KINDS, LatencyResult, Query, query_mix, timed_get
 from bench.servers import ORTHANC_START, Server, free_port
 from bench.stow import stow_spread
-from dicomflow.index import migrate
-from dicomflow.index.sql import SqlIndexStore, make_engine
+from dicomflow.index.sql import SqlIndexStore
 from dicomflow.ingest.parse import parse_part10
 from dicomflow.model import Protocol, Source
 from dicomflow.settings import DuplicatePolicy, Settings
 from dicomflow.storage.base import new_blob_key
-from tests.harness.postgres import PgCluster, create_database, run_async
+from tests.harness.postgres import PgCluster, create_database, run_async, upgrade_schema
 from tests.harness.processes import ServerProcess, write_config
 from tests.harness.seaweed import SeaweedS3
 
@@ -106,14 +105,6 @@ class Backends:
         return create_database(self.cluster.admin_url)
 
 
-async def _upgrade(url: str) -> None:
-    engine = make_engine(url)
-    try:
-        await migrate.upgrade(engine)
-    finally:
-        await engine.dispose()
-
-
 async def _count(url: str, table: str = "instances") -> int:
     conn = await asyncpg.connect(url)
     try:
@@ -132,7 +123,7 @@ class Dicomflow:
     @classmethod
     async def start(cls, backends: Backends, n: int, *, storage: str | None = None) -> Dicomflow:
         url = backends.database()
-        await _upgrade(url)
+        await upgrade_schema(url)
         prefix = f"bench-{uuid.uuid4().hex[:8]}/"
         settings = Settings(
             data_dir=backends.base / f"df-{prefix[:-1]}", index=url + f"?pool_size={max(4, 16 // n)}",
@@ -520,7 +511,7 @@ async def ingest_and_qido(args: argparse.Namespace, backends: Backends, report: 
 
 async def scale(args: argparse.Namespace, backends: Backends, report: Report) -> None:
     url = backends.database()
-    await _upgrade(url)
+    await upgrade_schema(url)
     templates = await _template_rows(url, backends.base)
     flow = await Dicomflow.start_on(backends, url)
     try:

@@ -17,7 +17,7 @@ import pytest
 
 from dicomflow.storage.s3 import S3Options
 from tests.harness.oidc_provider import OidcProvider, start_provider
-from tests.harness.postgres import ENV_URL, PgCluster, create_database, drop_database
+from tests.harness.postgres import ENV_URL, PgCluster, create_database, drop_database, run_async, upgrade_schema
 from tests.harness.seaweed import SeaweedS3
 
 
@@ -91,18 +91,7 @@ def scaleout_overrides(pg_url: str, seaweed: SeaweedS3, bucket: str, prefix: str
 def scaleout_backend(pg_url: str, seaweed: SeaweedS3, s3_shared_bucket: str) -> dict[str, object]:
     """``make_settings`` overrides for scale-out: a fresh PostgreSQL database with the schema created
     as ``dicomflow db upgrade`` does, and a fresh prefix in the session's S3 bucket."""
-    from dicomflow.index import migrate
-    from dicomflow.index.sql import make_engine
-    from tests.harness.postgres import run_async
-
-    async def create() -> None:
-        engine = make_engine(pg_url)
-        try:
-            await migrate.upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    run_async(create())
+    run_async(upgrade_schema(pg_url))
     return scaleout_overrides(pg_url, seaweed, s3_shared_bucket, f"t-{uuid.uuid4().hex[:12]}")
 
 

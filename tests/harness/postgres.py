@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from dicomflow.index import migrate
+from dicomflow.index.sql import make_engine
+
 T = TypeVar("T")
 ENV_URL = "DICOMFLOW_TEST_PG_URL"
 
@@ -32,6 +35,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def upgrade_schema(url: str) -> None:
+    """Create the index schema in the database at ``url`` (or bring it to this version), as ``dicomflow db
+    upgrade`` does."""
+    engine = make_engine(url)
+    try:
+        await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -23,11 +23,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from dicomflow.index import migrate
-from dicomflow.index.sql import make_engine
 from dicomflow.settings import Settings
 from tests.harness.fixtures import scaleout_overrides
-from tests.harness.postgres import PgCluster, create_database, drop_database, free_port, run_async
+from tests.harness.postgres import PgCluster, create_database, drop_database, free_port, run_async, upgrade_schema
 from tests.harness.processes import ServerProcess, WorkerProcess, write_config
 from tests.harness.seaweed import SeaweedS3
 
@@ -67,14 +65,7 @@ class Topology:
             self.pg_admin_url = self._cluster.admin_url
         self.index_url = create_database(self.pg_admin_url)
 
-        async def upgrade() -> None:  # what `dicomflow db upgrade` does before a rollout
-            engine = make_engine(self.index_url)
-            try:
-                await migrate.upgrade(engine)
-            finally:
-                await engine.dispose()
-
-        run_async(upgrade())
+        run_async(upgrade_schema(self.index_url))  # what `dicomflow db upgrade` does before a rollout
         if self.seaweed is None:
             self.seaweed, self._own_seaweed = SeaweedS3.start(), True
         bucket = self.seaweed.create_bucket()

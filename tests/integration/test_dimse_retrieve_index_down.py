@@ -8,11 +8,9 @@ from typing import Any
 
 import pytest
 
-from dicomflow.index import migrate
-from dicomflow.index.sql import make_engine
 from dicomflow.settings import RemoteNode, TenantSettings
 from tests.factory import make_dataset
-from tests.harness.postgres import PgCluster, run_async
+from tests.harness.postgres import PgCluster, run_async, upgrade_schema
 from tests.integration.dcmtk import dimse_server, dimse_status, run, storescp, storescu, write_instances
 
 pytestmark = pytest.mark.integration
@@ -22,16 +20,8 @@ pytestmark = pytest.mark.integration
 def private_cluster() -> Iterator[PgCluster]:
     """A cluster of this test's own: it gets stopped, which the shared one must not be."""
     cluster = PgCluster.start()
-
-    async def create() -> None:
-        engine = make_engine(cluster.admin_url)
-        try:
-            await migrate.upgrade(engine)
-        finally:
-            await engine.dispose()
-
     try:
-        run_async(create())
+        run_async(upgrade_schema(cluster.admin_url))
         yield cluster
     finally:
         cluster.stop()

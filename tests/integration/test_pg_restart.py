@@ -12,14 +12,13 @@ import pytest
 import sqlalchemy as sa
 
 from dicomflow.errors import OutOfResourcesError
-from dicomflow.index import migrate
 from dicomflow.index.sql import SqlIndexStore, make_engine
 from dicomflow.ingest.parse import parse_part10
 from dicomflow.model import Protocol, Source, StoreResult
 from dicomflow.settings import DuplicatePolicy
 from dicomflow.storage.base import new_blob_key
 from tests.factory import make_dataset, to_bytes
-from tests.harness.postgres import PgCluster, run_async
+from tests.harness.postgres import PgCluster, run_async, upgrade_schema
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +35,7 @@ def private_cluster() -> Iterator[PgCluster]:
 
 @pytest.fixture
 async def index(private_cluster: PgCluster) -> AsyncIterator[SqlIndexStore]:
-    async def create() -> None:
-        engine = make_engine(private_cluster.admin_url)
-        try:
-            await migrate.upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    run_async(create())
+    run_async(upgrade_schema(private_cluster.admin_url))
     store = await SqlIndexStore.open(private_cluster.admin_url)
     yield store
     await store.close()
@@ -82,11 +74,7 @@ async def test_index_survives_a_postgresql_restart(index: SqlIndexStore, private
 
 async def test_pool_settings_from_the_url(pg_url: str, tmp_path: Path) -> None:
     """Each process sizes its own pool (servers x pool <= max_connections); other parameters reach asyncpg."""
-    engine = make_engine(pg_url)
-    try:
-        await migrate.upgrade(engine)
-    finally:
-        await engine.dispose()
+    await upgrade_schema(pg_url)
     index = await SqlIndexStore.open(pg_url + "?pool_size=2&max_overflow=0&pool_timeout=20"
                                               "&application_name=dicomflow-pool-test")
     try:

@@ -27,11 +27,9 @@ import pytest
 from aiohttp import web
 from pydicom.uid import generate_uid
 
-from dicomflow.index import migrate
-from dicomflow.index.sql import make_engine
 from tests.conftest import free_port, make_settings
 from tests.factory import make_dataset, multipart, to_bytes
-from tests.harness.postgres import PgCluster, create_database, drop_database
+from tests.harness.postgres import PgCluster, create_database, drop_database, upgrade_schema
 from tests.harness.processes import ROOT, ServerProcess, write_config
 from tests.harness.s3proxy import Fault, S3FaultProxy
 from tests.harness.seaweed import SeaweedS3
@@ -163,11 +161,7 @@ def private_cluster() -> Iterator[PgCluster]:
 
 async def _database(admin_url: str) -> str:
     url = await asyncio.to_thread(create_database, admin_url)
-    engine = make_engine(url)
-    try:
-        await migrate.upgrade(engine)
-    finally:
-        await engine.dispose()
+    await upgrade_schema(url)
     return url
 
 
