@@ -385,6 +385,11 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _median_of(runs: list[dict[str, Any]], stat: str, kind: str) -> float | None:
+    """The median over repeats of one latency (``p50`` or ``p95``) of one query kind, where measured."""
+    return _median([r[stat][kind] for r in runs if r[stat].get(kind) is not None])
+
+
 @dataclass
 class Report:
     args: dict[str, Any]
@@ -416,7 +421,7 @@ class Report:
                     "| --- | ---: | " + " | ".join("---:" for _ in QUERY_KINDS) + " |"]
             for system, runs in self.qido.items():
                 qps = _median([r["qps"] for r in runs])
-                cells = [_ms(_median([r["p50"][k] for r in runs if r["p50"].get(k) is not None])) for k in QUERY_KINDS]
+                cells = [_ms(_median_of(runs, "p50", k)) for k in QUERY_KINDS]
                 out.append(f"| {system} | {qps or 0:.0f} | " + " | ".join(cells) + " |")
             reference = self.qido.get(ORTHANC)
             if reference:
@@ -426,8 +431,7 @@ class Report:
                         continue
                     cells = []
                     for k in QUERY_KINDS:
-                        a = _median([r["p50"][k] for r in reference if r["p50"].get(k) is not None])
-                        b = _median([r["p50"][k] for r in runs if r["p50"].get(k) is not None])
+                        a, b = _median_of(reference, "p50", k), _median_of(runs, "p50", k)
                         cells.append(f"{k} {a / b:.2f}" if a and b else f"{k} n/a")
                     out.append(f"- {system}: " + ", ".join(cells))
             out.append("")
@@ -438,9 +442,7 @@ class Report:
             for size, runs in self.scale.items():
                 cells = []
                 for k in QUERY_KINDS:
-                    p50 = _median([r["p50"][k] for r in runs if r["p50"].get(k) is not None])
-                    p95 = _median([r["p95"][k] for r in runs if r["p95"].get(k) is not None])
-                    cells.append(f"{_ms(p50)} / {_ms(p95)}")
+                    cells.append(f"{_ms(_median_of(runs, 'p50', k))} / {_ms(_median_of(runs, 'p95', k))}")
                 out.append(f"| {size} | " + " | ".join(cells) + " |")
             out += ["", "median matches per query: " + "; ".join(
                 f"{size}: " + ", ".join(f"{k} {_median([r['matches'][k] for r in runs if r['matches'][k] is not None])}"
