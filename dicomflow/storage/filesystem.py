@@ -52,16 +52,18 @@ class FilesystemBlobStore:
         does not make a folder created just before durable)."""
         if str(directory) in self._made:
             return
-        missing: list[Path] = []
+        # Every folder this process has not made durable itself gets its parent fsynced once, even when it
+        # exists: another thread may have just created it and not be done with that fsync yet.
+        chain: list[Path] = []
         d = directory
-        while not d.is_dir():
-            missing.append(d)
+        while str(d) not in self._made and d != self.root:
+            chain.append(d)
             d = d.parent
-        for d in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # a concurrent put made it
+        for d in reversed(chain):
+            with contextlib.suppress(FileExistsError):
                 d.mkdir()
             _fsync_dir(d.parent)
-        self._made.add(str(directory))
+            self._made.add(str(d))
 
     def _put(self, key: str, src: Path) -> None:
         dst = self._path(key)
@@ -73,7 +75,7 @@ class FilesystemBlobStore:
                 except FileNotFoundError:
                     if not src.exists():
                         raise
-                    self._made.discard(str(dst.parent))  # the folder went away under us (an operator?)
+                    self._made.clear()  # folders went away under us (an operator?): make them again
                     self._make_dirs(dst.parent)
                     os.replace(src, dst)
             except OSError as exc:

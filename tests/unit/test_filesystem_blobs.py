@@ -61,3 +61,24 @@ def test_keys_that_leave_the_root_are_refused(store: FilesystemBlobStore, key: s
 def test_missing_source_is_an_error_not_a_retry_loop(store: FilesystemBlobStore, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         store._put("acme/ab/cd/abcd03", tmp_path / "gone")
+
+
+def test_existing_folders_unknown_to_this_process_get_their_parent_fsynced_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder another thread or an earlier run created may not be durable yet: fsync its parent once."""
+    (tmp_path / "blobs/acme/ab/cd").mkdir(parents=True)
+    store = FilesystemBlobStore(tmp_path / "blobs", Offloader(1))
+    synced: list[Path] = []
+    real = filesystem._fsync_dir
+
+    def recording(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(filesystem, "_fsync_dir", recording)
+    root = store.root
+    store._put("acme/ab/cd/abcd01", _spooled(tmp_path, "a", b"one"))
+    assert synced == [root, root / "acme", root / "acme/ab", root / "acme/ab/cd"]
+    synced.clear()
+    store._put("acme/ab/ef/abef01", _spooled(tmp_path, "b", b"two"))
+    assert synced == [root / "acme/ab", root / "acme/ab/ef"]  # only the new folder's entry, then the blob's
