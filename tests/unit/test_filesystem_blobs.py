@@ -24,16 +24,22 @@ def _spooled(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def test_first_blob_in_new_folders_fsyncs_every_parent_that_got_an_entry(
-        store: FilesystemBlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[Path] = []
+@pytest.fixture()
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The folders fsynced, in order."""
+    calls: list[Path] = []
     real = filesystem._fsync_dir
 
     def recording(path: Path) -> None:
-        synced.append(Path(path))
+        calls.append(Path(path))
         real(path)
 
     monkeypatch.setattr(filesystem, "_fsync_dir", recording)
+    return calls
+
+
+def test_first_blob_in_new_folders_fsyncs_every_parent_that_got_an_entry(
+        store: FilesystemBlobStore, tmp_path: Path, synced: list[Path]) -> None:
     root = store.root
     store._put("acme/ab/cd/abcd01", _spooled(tmp_path, "a", b"one"))
     assert (root / "acme/ab/cd/abcd01").read_bytes() == b"one"
@@ -64,18 +70,10 @@ def test_missing_source_is_an_error_not_a_retry_loop(store: FilesystemBlobStore,
 
 
 def test_existing_folders_unknown_to_this_process_get_their_parent_fsynced_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, synced: list[Path]) -> None:
     """A folder another thread or an earlier run created may not be durable yet: fsync its parent once."""
     (tmp_path / "blobs/acme/ab/cd").mkdir(parents=True)
     store = FilesystemBlobStore(tmp_path / "blobs", Offloader(1))
-    synced: list[Path] = []
-    real = filesystem._fsync_dir
-
-    def recording(path: Path) -> None:
-        synced.append(Path(path))
-        real(path)
-
-    monkeypatch.setattr(filesystem, "_fsync_dir", recording)
     root = store.root
     store._put("acme/ab/cd/abcd01", _spooled(tmp_path, "a", b"one"))
     assert synced == [root, root / "acme", root / "acme/ab", root / "acme/ab/cd"]
