@@ -10,15 +10,14 @@ dicomflow and Orthanc, so the report shows how much of the gap is the DICOM laye
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
-from functools import partial
 from pathlib import Path
 
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 
 from dicomflow.dimse.reactor import make_event_driven
+from dicomflow.dimse.server import receive_data_sets_in
 from dicomflow.dimse.sop_classes import add_scp_contexts
 from dicomflow.ingest.parse import configure_pydicom
 
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     _config.STORE_RECV_CHUNKED_DATASET = True
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        dimse_messages.NamedTemporaryFile = partial(  # type: ignore[assignment,attr-defined]
-            tempfile.NamedTemporaryFile, dir=args.dir)
+        receive_data_sets_in(args.dir)
     ae = AE(ae_title="DICOMFLOW")
     ae.maximum_pdu_size = 262144
     ae.require_called_aet = False

@@ -68,6 +68,15 @@ def calling_ae_allowed(tenant: TenantSettings, calling_ae: str, host: str) -> bo
     )
 
 
+def receive_data_sets_in(directory: Path | None) -> None:
+    """Where pynetdicom writes received C-STORE data sets (``STORE_RECV_CHUNKED_DATASET``); None: the
+    system temporary folder again. Process-wide: pynetdicom 3.0.4 looks ``NamedTemporaryFile`` up in its
+    ``dimse_messages`` module at each C-STORE."""
+    factory: Any = tempfile.NamedTemporaryFile if directory is None else partial(tempfile.NamedTemporaryFile,
+                                                                                 dir=directory)
+    dimse_messages.NamedTemporaryFile = factory  # type: ignore[attr-defined]
+
+
 class _PduGuard:
     """Replaces an association socket's ``recv``: refuses PDUs above the limit we announced, and
     reads PDU bodies with ``recv_into`` instead of pynetdicom's 4 KiB ``recv`` loop.
@@ -168,9 +177,8 @@ class DimseServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         # ... and that temporary file goes to the ingest spool folder, not /tmp: often a tmpfs (the data set
         # would sit in RAM after all), and on the blob store's filesystem the spool adopts it with a rename
-        # instead of a copy (store.py). pynetdicom 3.0.4 looks the name up in its module at each C-STORE.
-        dimse_messages.NamedTemporaryFile = partial(  # type: ignore[assignment,attr-defined]
-            tempfile.NamedTemporaryFile, dir=self.ctx.ingest.spool_dir)
+        # instead of a copy (store.py).
+        receive_data_sets_in(self.ctx.ingest.spool_dir)
         # STYLE 2.6: pynetdicom logs every C-FIND/C-MOVE/C-GET identifier at INFO by default (patient data).
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -201,7 +209,7 @@ class DimseServer:
             self._ae = None
             self._server = None
             _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
-            dimse_messages.NamedTemporaryFile = tempfile.NamedTemporaryFile  # type: ignore[attr-defined]
+            receive_data_sets_in(None)
 
     def _on_conn_open(self, event: Event) -> None:
         assoc = event.assoc
